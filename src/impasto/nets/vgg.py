@@ -1,0 +1,130 @@
+"""VGG16/19 feature stacks with named layers (conv1_1 ... relu5_4), cut after the deepest layer used."""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from ..errors import ImpastoError
+
+# Channels per conv layer, "M" for a pooling layer: the layouts of torchvision's `features`.
+_CONFIGS: dict[str, list[int | str]] = {
+    "vgg16": [64, 64, "M", 128, 128, "M", 256, 256, 256, "M", 512, 512, 512, "M", 512, 512, 512, "M"],
+    "vgg19": [64, 64, "M", 128, 128, "M", 256, 256, 256, 256, "M",
+              512, 512, 512, 512, "M", 512, 512, 512, 512, "M"],
+}
+
+
+def _layer_names(config: list[int | str]) -> list[str]:
+    """Names in torchvision `features` order: conv/relu per conv layer, pool per "M"."""
+    names, block, index = [], 1, 1
+    for item in config:
+        if item == "M":
+            names.append(f"pool{block}")
+            block, index = block + 1, 1
+        else:
+            names += [f"conv{block}_{index}", f"relu{block}_{index}"]
+            index += 1
+    return names
+
+
+VGG_LAYER_NAMES: dict[str, list[str]] = {arch: _layer_names(cfg) for arch, cfg in _CONFIGS.items()}
+
+
+@dataclass(frozen=True)
+class Normalization:
+    """How an RGB image in [0, 1] becomes the network's input: channel order, scale, mean, std."""
+
+    mean: tuple[float, float, float]
+    std: tuple[float, float, float] = (1.0, 1.0, 1.0)
+    scale: float = 1.0
+    bgr: bool = False
+
+
+# torchvision/ImageNet: RGB in [0, 1], per-channel mean and std.
+TORCHVISION_NORMALIZATION = Normalization(mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225))
+# Caffe/MatConvNet: BGR in [0, 255] minus the mean pixel (given here in BGR order).
+CAFFE_NORMALIZATION = Normalization(mean=(103.939, 116.779, 123.68), scale=255.0, bgr=True)
+
+
+class VGGFeatures(nn.Module):
+    """A VGG feature stack that returns the activations of the requested layers by name.
+
+    Only layers up to the deepest requested one are built, and ReLUs run in place except where
+    a requested conv output would be overwritten, so a forward pass does no work it does not need.
+    """
+
+    def __init__(
+        self,
+        arch: str,
+        layers: Iterable[str],
+        pooling: str = "max",
+        normalization: Normalization = TORCHVISION_NORMALIZATION,
+    ) -> None:
+        super().__init__()
+        if arch not in _CONFIGS:
+            raise ImpastoError(f"unknown network {arch!r}; choose one of {', '.join(_CONFIGS)}")
+        if pooling not in ("max", "avg"):
+            raise ImpastoError(f"unknown pooling {pooling!r}; choose max or avg")
+        names = VGG_LAYER_NAMES[arch]
+        wanted = list(dict.fromkeys(layers))
+        unknown = [n for n in wanted if n not in names]
+        if unknown:
+            raise ImpastoError(f"{arch} has no layer {unknown[0]!r}; layers are named like conv4_2, relu5_1")
+        if not wanted:
+            raise ImpastoError("no layers requested from the loss network")
+        self.arch, self.pooling, self.normalization = arch, pooling, normalization
+        self.outputs = frozenset(wanted)
+        depth = max(names.index(n) for n in wanted) + 1
+        self.layers = nn.Sequential(OrderedDict(self._build(arch, names[:depth], pooling)))
+        self.register_buffer("mean", torch.tensor(normalization.mean).view(1, 3, 1, 1), persistent=False)
+        self.register_buffer("std", torch.tensor(normalization.std).view(1, 3, 1, 1), persistent=False)
+        self.requires_grad_(False)
+        self.eval()
+
+    def _build(self, arch: str, names: list[str], pooling: str) -> list[tuple[str, nn.Module]]:
+        modules: list[tuple[str, nn.Module]] = []
+        channels = iter(c for c in _CONFIGS[arch] if c != "M")
+        in_ch = 3
+        for name in names:
+            if name.startswith("conv"):
+                out_ch = int(next(channels))
+                modules.append((name, nn.Conv2d(in_ch, out_ch, kernel_size=3, padding=1)))
+                in_ch = out_ch
+            elif name.startswith("relu"):
+                conv_captured = name.replace("relu", "conv") in self.outputs
+                modules.append((name, nn.ReLU(inplace=not conv_captured)))
+            else:
+                pool = nn.MaxPool2d(2, 2) if pooling == "max" else nn.AvgPool2d(2, 2)
+                modules.append((name, pool))
+        return modules
+
+    @property
+    def conv_names(self) -> list[str]:
+        return [n for n in self.layers._modules if n.startswith("conv")]
+
+    @property
+    def downsampling(self) -> int:
+        """How many times smaller the deepest layer's feature map is than the input."""
+        return 2 ** sum(n.startswith("pool") for n in self.layers._modules)
+
+    def normalize(self, image: torch.Tensor) -> torch.Tensor:
+        """Map an RGB batch in [0, 1] to the input convention of the loaded weights."""
+        if self.normalization.bgr:
+            image = image.flip(1)
+        if self.normalization.scale != 1.0:
+            image = image * self.normalization.scale
+        return (image - self.mean) / self.std
+
+    def forward(self, image: torch.Tensor) -> dict[str, torch.Tensor]:
+        x = self.normalize(image)
+        feats: dict[str, torch.Tensor] = {}
+        for name, layer in self.layers.named_children():
+            x = layer(x)
+            if name in self.outputs:
+                feats[name] = x
+        return feats
