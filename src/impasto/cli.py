@@ -1,0 +1,261 @@
+"""The `impasto` command: thin subcommands over the Python API.
+
+A user's mistake prints one line on stderr and exits 2; Ctrl-C keeps the best image and the state.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import sys
+import warnings
+from collections.abc import Sequence
+from typing import Any, NoReturn
+
+from . import __version__, images
+from .errors import EXIT_INTERRUPTED, EXIT_USAGE, ImpastoError
+
+PROG = "impasto"
+
+
+class Parser(argparse.ArgumentParser):
+    """argparse with errors on one line, exit code 2."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(EXIT_USAGE, f"{self.prog}: error: {message} (see --help)\n")
+
+
+def _list_of(kind: type):
+    """Parse '1,2,3' (and, with nargs='+', '1 2 3') into a list of `kind`."""
+    def parse(text: str) -> list:
+        try:
+            return [kind(v) for v in text.split(",") if v.strip()]
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected comma-separated {kind.__name__} values, got {text!r}") from None
+    parse.__name__ = f"list of {kind.__name__}"
+    return parse
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"must be positive, got {value}")
+    return value
+
+
+def _flatten(values: list[list] | None) -> list | None:
+    return None if values is None else [v for group in values for v in group]
+
+
+def add_stylize(sub: Any) -> None:
+    from .artistic import StylizeOptions
+
+    d = StylizeOptions()
+    p = sub.add_parser("stylize", help="artistic style transfer by optimization (Gatys et al.)",
+                       description="Optimize an image to match CONTENT's features and the STYLE images' Gram statistics.")
+    p.add_argument("content", help="content image")
+    p.add_argument("styles", nargs="+", metavar="style", help="one or more style images")
+    p.add_argument("-o", "--output", required=True, help="output image (.png keeps the run's parameters)")
+    g = p.add_argument_group("size and iterations")
+    g.add_argument("--iterations", type=_positive_int, default=d.iterations, help="iterations per scale (%(default)s)")
+    g.add_argument("--size", type=_positive_int, default=d.size, help="longer side of the output in pixels (%(default)s)")
+    g.add_argument("--width", type=_positive_int, help="output width in pixels, aspect kept (overrides --size)")
+    g.add_argument("--scales", type=_list_of(int), help="coarse-to-fine longer sides, e.g. 256,512,1024; the last is the output size")
+    g.add_argument("--scale-iterations", type=_list_of(int), help="iterations at each scale, e.g. 300,150,50")
+    g = p.add_argument_group("styles")
+    g.add_argument("--style-blend-weights", type=_list_of(float), nargs="+", help="weight of each style (normalized to sum 1)")
+    g.add_argument("--style-scales", type=_list_of(float), nargs="+", help="each style's width relative to the content's (1.0)")
+    g = p.add_argument_group("loss")
+    g.add_argument("--content-weight", type=float, default=d.content_weight, help="(%(default)s)")
+    g.add_argument("--style-weight", type=float, default=d.style_weight, help="(%(default)s)")
+    g.add_argument("--tv-weight", type=float, default=d.tv_weight, help="total variation weight (%(default)s)")
+    g.add_argument("--tv-power", type=float, default=d.tv_power, help="TV exponent: 2 squared, 1.25 Keras-style, 1 edge-preserving (%(default)s)")
+    g.add_argument("--model", choices=["vgg19", "vgg16"], default=d.model)
+    g.add_argument("--pooling", choices=["max", "avg"], default=d.pooling)
+    g.add_argument("--content-layers", type=_list_of(str), default=d.content_layers, help="(%(default)s)")
+    g.add_argument("--style-layers", type=_list_of(str), default=d.style_layers, help="(%(default)s)")
+    g.add_argument("--content-layer-weights", type=_list_of(float), help="weight per content layer")
+    g.add_argument("--style-layer-weights", type=_list_of(float), help="weight per style layer (equal by default)")
+    g.add_argument("--style-layer-weight-exp", type=float, default=d.style_layer_weight_exp,
+                   help="layer i gets exp**i before normalization, as in neural_style.py (%(default)s)")
+    g.add_argument("--preserve-color", choices=["none", "luminance", "histogram"], default=d.preserve_color,
+                   help="keep the content's colours (Gatys et al. 2016) (%(default)s)")
+    g.add_argument("--preserve-colors", dest="preserve_color", action="store_const", const="luminance",
+                   help="same as --preserve-color luminance (neural_style.py)")
+    g = p.add_argument_group("optimizer")
+    g.add_argument("--optimizer", choices=["lbfgs", "adam"], default=d.optimizer)
+    g.add_argument("--learning-rate", "--lr", type=float, help="step size (1.0 for L-BFGS, 0.02 for Adam)")
+    g.add_argument("--beta1", type=float, default=d.beta1)
+    g.add_argument("--beta2", type=float, default=d.beta2)
+    g.add_argument("--epsilon", type=float, default=d.epsilon)
+    g.add_argument("--lbfgs-history", type=_positive_int, default=d.lbfgs_history, help="L-BFGS memory (%(default)s)")
+    g.add_argument("--init", default=d.init, help="content, noise, or an image path (%(default)s)")
+    g.add_argument("--initial", dest="init", help="start from this image (same as --init PATH)")
+    g.add_argument("--initial-noiseblend", type=float, default=d.initial_noiseblend, help="blend of noise into the start (0-1)")
+    g.add_argument("--seed", type=int, default=d.seed, help="(%(default)s)")
+    g = p.add_argument_group("network weights and device")
+    g.add_argument("--weights", "--network", dest="weights",
+                   help="VGG weights: .pth (torchvision or impasto) or MatConvNet .mat; 'random' for experiments. "
+                        "Default: $IMPASTO_WEIGHTS, else torchvision's file via torch.hub (downloaded once)")
+    g.add_argument("--weights-format", choices=["auto", "torchvision", "caffe", "matconvnet"], default=d.weights_format,
+                   help="input convention of the weights (auto: by extension)")
+    g.add_argument("--device", choices=["auto", "cpu", "cuda", "mps"], default=d.device)
+    g.add_argument("--amp", action="store_true", help="float16 mixed precision for the network on CUDA")
+    g = p.add_argument_group("output, progress and state")
+    g.add_argument("--quiet", "-q", action="store_true", help="no progress bar")
+    g.add_argument("--print-iterations", type=int, default=0, help="print the losses every N iterations")
+    g.add_argument("--checkpoint-output", help="path pattern for checkpoint images, e.g. out/ckpt_%%s.png")
+    g.add_argument("--checkpoint-iterations", type=int, default=0, help="write a checkpoint image every N iterations")
+    g.add_argument("--side-by-side", metavar="PATH", help="also write content | style(s) | result on one sheet")
+    g.add_argument("--state", metavar="DIR", help="save resumable state in DIR every --state-every iterations")
+    g.add_argument("--state-every", type=_positive_int, default=50, help="(%(default)s)")
+    g.add_argument("--resume", metavar="DIR", help="continue the run whose state is in DIR")
+    p.set_defaults(run=run_stylize)
+
+
+def options_from_args(args: argparse.Namespace) -> Any:
+    from .artistic import StylizeOptions
+
+    values = {f.name: getattr(args, f.name) for f in dataclasses.fields(StylizeOptions) if hasattr(args, f.name)}
+    values["style_blend_weights"] = _flatten(args.style_blend_weights)
+    values["style_scales"] = _flatten(args.style_scales)
+    return StylizeOptions(**values)
+
+
+# Options that may differ between an interrupted run and its resumption.
+RESUMABLE_CHANGES = {"iterations", "scale_iterations", "device"}
+
+
+def run_stylize(args: argparse.Namespace) -> int:
+    from .artistic import stylize_tensors
+    from .checkpoints import Checkpointer, check_pattern, load_state, save_state
+    from .files import refuse_overwriting_inputs
+    from .progress import ProgressBar
+
+    opts = options_from_args(args)
+    inputs = [args.content, *args.styles] + ([opts.init] if opts.init not in ("content", "noise") else [])
+    for extra in (args.output, args.side_by_side):
+        if extra:
+            refuse_overwriting_inputs(extra, inputs)
+            images._format_for(extra)
+    if args.checkpoint_output:
+        check_pattern(args.checkpoint_output)
+    resume = None
+    if args.resume:
+        resume, saved = load_state(args.resume)
+        _check_resume(saved.get("options", {}), opts.to_dict(), args.resume)
+    opts.check(len(args.styles))
+    content = images.load_image(args.content)
+    styles = [images.load_image(s) for s in args.styles]
+    meta = {"impasto": __version__, "command": "stylize", "content": args.content, "styles": list(args.styles),
+            "options": opts.to_dict()}
+    state_dir = args.state or args.resume
+    bar = ProgressBar(args.quiet, args.print_iterations)
+    callbacks = [bar, Checkpointer(args.checkpoint_output, args.checkpoint_iterations, state_dir, args.state_every, meta)]
+    try:
+        result = stylize_tensors(content, styles, opts, callbacks, resume)
+    finally:
+        bar.close()
+    meta.update(loss=result.loss, iterations=result.iterations)
+    images.save_image(result.image, args.output, meta)
+    if args.side_by_side:
+        sheet = images.side_by_side([content, *styles, result.image])
+        images.save_image(sheet, args.side_by_side)
+    if result.interrupted:
+        target = state_dir or f"{args.output}.state"
+        save_state(target, result.state, meta)
+        print(f"{PROG}: interrupted after {result.iterations} iterations; best image saved to {args.output}; "
+              f"continue with --resume {target}", file=sys.stderr)
+        return EXIT_INTERRUPTED
+    if state_dir:
+        save_state(state_dir, result.state, meta)
+    if not args.quiet:
+        print(f"wrote {args.output} (loss {result.loss:.5g}, {result.iterations} iterations)", file=sys.stderr)
+    return 0
+
+
+def _check_resume(saved: dict[str, Any], now: dict[str, Any], directory: str) -> None:
+    for key, value in saved.items():
+        if key not in RESUMABLE_CHANGES and now.get(key) != value:
+            flag = "--" + key.replace("_", "-")
+            raise ImpastoError(f"{flag} is {now.get(key)!r} but the run saved in {directory} used {value!r}")
+
+
+def add_info(sub: Any) -> None:
+    p = sub.add_parser("info", help="print the parameters stored in an output image")
+    p.add_argument("image")
+    p.add_argument("--json", action="store_true", help="print them as JSON")
+    p.set_defaults(run=run_info)
+
+
+def run_info(args: argparse.Namespace) -> int:
+    meta = images.read_metadata(args.image)
+    if meta is None:
+        raise ImpastoError(f"{args.image} has no impasto parameters (was it written by impasto as PNG?)")
+    if args.json:
+        print(json.dumps(meta, indent=2, sort_keys=True))
+        return 0
+    for key, value in meta.items():
+        if key != "options":
+            print(f"{key}: {value}")
+    for key, value in sorted(meta.get("options", {}).items()):
+        print(f"  {key}: {value}")
+    if meta.get("command") == "stylize":
+        print("reproduce: " + reproduce_command(meta))
+    return 0
+
+
+def reproduce_command(meta: dict[str, Any]) -> str:
+    """A command line that reruns a stylize run from its stored parameters (non-default options only)."""
+    import shlex
+
+    from .artistic import StylizeOptions
+
+    defaults = StylizeOptions().to_dict()
+    words = ["impasto", "stylize", meta["content"], *meta["styles"], "-o", "OUT.png"]
+    for key, value in meta.get("options", {}).items():
+        if value == defaults.get(key) or value is None:
+            continue
+        flag = "--" + key.replace("_", "-")
+        if isinstance(value, bool):
+            words += [flag] if value else []
+        else:
+            words += [flag, ",".join(map(str, value)) if isinstance(value, list) else str(value)]
+    return " ".join(shlex.quote(w) for w in words)
+
+
+def build_parser() -> Parser:
+    parser = Parser(prog=PROG, description="impasto: neural style transfer")
+    parser.add_argument("--version", action="version", version=f"{PROG} {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=Parser)
+    add_stylize(sub)
+    add_info(sub)
+    return parser
+
+
+def _show_warning(message: Any, category: Any, filename: str, lineno: int, file: Any = None, line: Any = None) -> None:
+    print(f"{PROG}: warning: {message}", file=sys.stderr)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    warnings.showwarning = _show_warning
+    try:
+        return int(args.run(args))
+    except ImpastoError as e:
+        print(f"{PROG}: error: {e}", file=sys.stderr)
+        return EXIT_USAGE
+    except KeyboardInterrupt:
+        print(f"{PROG}: interrupted", file=sys.stderr)
+        return EXIT_INTERRUPTED
+    except MemoryError:
+        print(f"{PROG}: error: out of memory; use a smaller --size", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

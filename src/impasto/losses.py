@@ -1,0 +1,114 @@
+"""The losses: content, Gram style (optionally masked), total variation, and their weighted sum.
+
+Content and style terms are relative squared errors, ||x - target||^2 / ||target||^2, so their
+weights mean the same thing whatever the scale of the loss network's activations (torchvision,
+Caffe and MatConvNet weights differ by orders of magnitude there).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+
+import torch
+
+EPS = 1e-8
+
+
+def gram_matrix(features: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+    """Gram matrix of (N, C, H, W) features: G = F F^T / (C * H * W), shape (N, C, C).
+
+    With a mask (N, 1, H, W) of weights in [0, 1], features are weighted by it and the
+    normalization uses its area instead of H * W, so a region's statistics do not depend on its size.
+    """
+    n, c, h, w = features.shape
+    flat = features.reshape(n, c, h * w)
+    if mask is None:
+        area = float(h * w)
+    else:
+        m = mask.reshape(n, 1, h * w).to(flat.dtype)
+        flat = flat * m
+        area = m.sum(dim=-1, keepdim=True).clamp_min(EPS)  # type: ignore[assignment]
+    gram = torch.bmm(flat, flat.transpose(1, 2))
+    return gram / (c * area)
+
+
+def relative_error(x: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """||x - target||^2 / ||target||^2 — scale-free squared error."""
+    return (x - target).pow(2).sum() / target.pow(2).sum().clamp_min(EPS)
+
+
+def content_loss(features: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """How far features are from the content image's, relative to the content's own energy."""
+    return relative_error(features.float(), target)
+
+
+def style_loss(gram: torch.Tensor, target_gram: torch.Tensor) -> torch.Tensor:
+    """How far a Gram matrix is from the style image's, relative to the style's own energy."""
+    return relative_error(gram, target_gram)
+
+
+def tv_loss(image: torch.Tensor, power: float = 2.0) -> torch.Tensor:
+    """Total variation: mean of (dx^2 + dy^2)^(power/2) over pixels; power 2 is the squared form,
+    1.25 the one of the Keras examples, 1 the isotropic (edge-preserving) form."""
+    dx = image[..., :-1, 1:] - image[..., :-1, :-1]
+    dy = image[..., 1:, :-1] - image[..., :-1, :-1]
+    squared = dx.pow(2) + dy.pow(2)
+    if power == 2.0:
+        return squared.mean()
+    return (squared + EPS).pow(power / 2).mean()
+
+
+def normalized(weights: Sequence[float]) -> list[float]:
+    """Weights scaled to sum to 1 (style blend weights, per-layer weights)."""
+    total = float(sum(weights))
+    return [float(w) / total for w in weights]
+
+
+@dataclass
+class StyleTarget:
+    """Gram matrices of one style image at each style layer, with its blend weight."""
+
+    grams: dict[str, torch.Tensor]
+    weight: float = 1.0
+
+
+@dataclass
+class PerceptualLoss:
+    """content_weight * content + style_weight * style + tv_weight * TV, over named VGG layers.
+
+    Holds only precomputed targets; evaluating it needs the features of the image being optimized.
+    """
+
+    content_targets: dict[str, torch.Tensor]
+    content_layer_weights: dict[str, float]
+    styles: list[StyleTarget]
+    style_layer_weights: dict[str, float]
+    content_weight: float = 1.0
+    style_weight: float = 1.0
+    tv_weight: float = 0.0
+    tv_power: float = 2.0
+    extra: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def layers(self) -> list[str]:
+        return list(dict.fromkeys([*self.content_layer_weights, *self.style_layer_weights]))
+
+    def __call__(
+        self, image: torch.Tensor, features: Mapping[str, torch.Tensor]
+    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """Total loss and its weighted terms for `image` whose network features are `features`."""
+        terms: dict[str, torch.Tensor] = {}
+        if self.content_weight and self.content_layer_weights:
+            c = sum(w * content_loss(features[k], self.content_targets[k])
+                    for k, w in self.content_layer_weights.items())
+            terms["content"] = self.content_weight * c  # type: ignore[assignment]
+        if self.style_weight and self.styles:
+            grams = {k: gram_matrix(features[k].float()) for k in self.style_layer_weights}
+            s = sum(t.weight * w * style_loss(grams[k], t.grams[k])
+                    for t in self.styles for k, w in self.style_layer_weights.items())
+            terms["style"] = self.style_weight * s  # type: ignore[assignment]
+        if self.tv_weight:
+            terms["tv"] = self.tv_weight * tv_loss(image, self.tv_power)
+        total = sum(terms.values(), torch.zeros((), device=image.device))
+        return total, terms

@@ -1,0 +1,42 @@
+"""Progress display for the engines: a tqdm bar with each loss term, s/it and ETA, or log lines."""
+
+from __future__ import annotations
+
+import sys
+from typing import Any
+
+from tqdm import tqdm
+
+
+class ProgressBar:
+    """A callback that shows iterations of each scale as a bar; `print_every` adds a log line."""
+
+    def __init__(self, quiet: bool = False, print_every: int = 0) -> None:
+        self.quiet, self.print_every = quiet, print_every
+        self._bar: tqdm | None = None
+        self._scale = -1
+
+    def __call__(self, progress: Any) -> None:
+        if self.quiet:
+            return
+        step = progress.step
+        if progress.scale != self._scale or self._bar is None:
+            self.close()
+            self._scale = progress.scale
+            label = f"scale {progress.scale + 1}/{progress.scales} " if progress.scales > 1 else ""
+            h, w = step.image.shape[-2:]
+            self._bar = tqdm(total=step.total, initial=step.iteration - 1, unit="it", file=sys.stderr,
+                             desc=f"{label}{w}x{h}", dynamic_ncols=True, smoothing=0.1)
+        terms = {k: f"{v:.4g}" for k, v in step.terms.items()}
+        self._bar.set_postfix(loss=f"{step.loss:.4g}", **terms, refresh=False)
+        self._bar.update(1)
+        if self.print_every and step.iteration % self.print_every == 0:
+            parts = " ".join(f"{k}={v:.5g}" for k, v in step.terms.items())
+            self._bar.write(f"iteration {step.iteration}/{step.total}: loss={step.loss:.5g} {parts}")
+        if step.iteration >= step.total:
+            self.close()
+
+    def close(self) -> None:
+        if self._bar is not None:
+            self._bar.close()
+            self._bar = None
