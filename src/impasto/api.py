@@ -34,7 +34,7 @@ def stylize(
 
     `options` are the fields of `StylizeOptions`, e.g. `iterations=300, size=512, style_weight=10`.
     """
-    styles = list(style) if isinstance(style, (list, tuple)) else [style]
+    styles: list[ImageLike] = list(style) if isinstance(style, (list, tuple)) else [style]  # type: ignore[list-item]
     opts = StylizeOptions(**options)  # type: ignore[arg-type]
     bar = ProgressBar(quiet=not progress)
     try:

@@ -173,7 +173,7 @@ def estimate_bytes(net: VGGFeatures, hw: tuple[int, int], opts: StylizeOptions) 
         if isinstance(layer, (torch.nn.MaxPool2d, torch.nn.AvgPool2d)):
             h, w = h // 2, w // 2
         elif name.startswith("conv"):
-            act += layer.out_channels * h * w  # type: ignore[operator]
+            act += int(layer.out_channels) * h * w  # type: ignore[arg-type]
     pixels = 3 * hw[0] * hw[1]
     history = 2 * opts.lbfgs_history if opts.optimizer == "lbfgs" else 3
     return 4 * (3 * act + (history + 4) * pixels)
@@ -284,7 +284,7 @@ def stylize_tensors(
     for index in range(first, len(sizes)):
         hw = sizes[index]
         x = images.resize(x, hw) if tuple(x.shape[-2:]) != hw else x
-        scaled_styles = [images.resize(s, images.size_for_width(*s.shape[-2:], max(1, round(hw[1] * k))))
+        scaled_styles = [images.resize(s, images.size_for_width(s.shape[-2], s.shape[-1], max(1, round(hw[1] * k))))
                          for s, k in zip(styles, style_scales, strict=True)]
         for s in scaled_styles:
             _check_min_size(net, tuple(s.shape[-2:]), "a style image")  # type: ignore[arg-type]

@@ -155,7 +155,7 @@ def run_stylize(args: argparse.Namespace) -> int:
             "options": opts.to_dict()}
     state_dir = args.state or args.resume
     bar = ProgressBar(args.quiet, args.print_iterations)
-    callbacks = [bar, Checkpointer(args.checkpoint_output, args.checkpoint_iterations, state_dir, args.state_every, meta)]
+    callbacks: list[Any] = [bar, Checkpointer(args.checkpoint_output, args.checkpoint_iterations, state_dir, args.state_every, meta)]
     try:
         result = stylize_tensors(content, styles, opts, callbacks, resume)
     finally:

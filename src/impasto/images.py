@@ -32,8 +32,7 @@ def load_image(path: str | os.PathLike[str]) -> torch.Tensor:
         raise ImpastoError(f"expected an image file, got a directory: {p}")
     try:
         with Image.open(p) as im:
-            im = ImageOps.exif_transpose(im)
-            rgb = _to_rgb(im)
+            rgb = _to_rgb(ImageOps.exif_transpose(im))
     except Image.DecompressionBombError:
         raise ImpastoError(f"image too large to load safely: {p}") from None
     except UnidentifiedImageError:
@@ -112,7 +111,7 @@ def yiq_to_rgb(image: torch.Tensor) -> torch.Tensor:
 def transfer_luminance(result: torch.Tensor, content: torch.Tensor) -> torch.Tensor:
     """Luminance (Y) of `result` with the chroma (I, Q) of `content` (Gatys et al. 2016, sec. 2)."""
     y = rgb_to_yiq(result)[..., :1, :, :]
-    iq = rgb_to_yiq(resize(content, tuple(result.shape[-2:])))[..., 1:, :, :]
+    iq = rgb_to_yiq(resize(content, (result.shape[-2], result.shape[-1])))[..., 1:, :, :]
     return yiq_to_rgb(torch.cat([y, iq], dim=-3)).clamp(0, 1)
 
 
@@ -204,7 +203,7 @@ def read_metadata(path: str | os.PathLike[str]) -> dict[str, Any] | None:
 
 def side_by_side(images: Sequence[torch.Tensor], height: int = 256, gap: int = 4) -> torch.Tensor:
     """One sheet with the images in a row, each scaled to `height`, on a white background."""
-    scaled = [resize(im, size_for_width(*im.shape[-2:], max(1, round(im.shape[-1] * height / im.shape[-2])))) for im in images]
+    scaled = [resize(im, (height, max(1, round(im.shape[-1] * height / im.shape[-2])))) for im in images]
     width = sum(s.shape[-1] for s in scaled) + gap * (len(scaled) - 1)
     sheet = torch.ones(3, height, width)
     x = 0

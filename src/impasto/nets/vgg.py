@@ -118,7 +118,7 @@ class VGGFeatures(nn.Module):
             image = image.flip(1)
         if self.normalization.scale != 1.0:
             image = image * self.normalization.scale
-        return (image - self.mean) / self.std
+        return (image - self.get_buffer("mean")) / self.get_buffer("std")
 
     def forward(self, image: torch.Tensor) -> dict[str, torch.Tensor]:
         x = self.normalize(image)
