@@ -90,9 +90,9 @@ def optimize(
         opt.zero_grad(set_to_none=True)
         loss, terms = objective(x)
         loss.backward()
-        value = float(loss)
+        value = float(loss.detach())
         last.clear()
-        last.update({k: float(v) for k, v in terms.items()}, total=value)
+        last.update({k: float(v.detach()) for k, v in terms.items()}, total=value)
         if value < best_loss:  # the loss belongs to x before this iteration's update
             best_loss = value
             best = x.detach().clone()

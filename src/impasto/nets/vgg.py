@@ -47,8 +47,10 @@ class Normalization:
 
 # torchvision/ImageNet: RGB in [0, 1], per-channel mean and std.
 TORCHVISION_NORMALIZATION = Normalization(mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225))
-# Caffe/MatConvNet: BGR in [0, 255] minus the mean pixel (given here in BGR order).
+# Caffe-converted .pth files: BGR in [0, 255] minus the mean pixel (given here in BGR order).
 CAFFE_NORMALIZATION = Normalization(mean=(103.939, 116.779, 123.68), scale=255.0, bgr=True)
+# MatConvNet's VGG files: RGB in [0, 255] minus the mean pixel (when the file gives none).
+MATCONVNET_NORMALIZATION = Normalization(mean=(123.68, 116.779, 103.939), scale=255.0)
 
 
 class VGGFeatures(nn.Module):

@@ -18,6 +18,7 @@ from ..errors import ImpastoError, warn
 from .vgg import (
     _CONFIGS,
     CAFFE_NORMALIZATION,
+    MATCONVNET_NORMALIZATION,
     TORCHVISION_NORMALIZATION,
     VGG_LAYER_NAMES,
     Normalization,
@@ -68,7 +69,8 @@ def load_vgg_weights(
         return random_vgg_weights(arch), TORCHVISION_NORMALIZATION
     path = Path(source) if source is not None else _torchvision_file(arch)
     if not path.is_file():
-        raise ImpastoError(f"weights file not found: {path}")
+        hint = f" (from {WEIGHTS_ENV})" if weights is None and source is not None else ""
+        raise ImpastoError(f"weights file not found: {path}{hint}")
     fmt = weights_format
     if fmt == "auto":
         fmt = "matconvnet" if path.suffix.lower() == ".mat" else "torchvision"
@@ -142,8 +144,11 @@ def _rename_torchvision(raw: dict[str, torch.Tensor], arch: str, path: Path) -> 
 
 
 def _read_matconvnet(path: Path, arch: str) -> tuple[StateDict, Normalization]:
-    """MatConvNet's imagenet-vgg-verydeep-*.mat: kernels stored (W, H, in, out), BGR 0-255 input."""
-    import numpy as np
+    """MatConvNet's imagenet-vgg-verydeep-*.mat: kernels stored (H, W, in, out); RGB 0-255 input.
+
+    MatConvNet's importer reorders Caffe's blobs to (H, W, in, out) and flips the first layer to RGB
+    (utils/import-caffe.py, --caffe-variant=caffe), so the input is RGB * 255 minus `averageImage`.
+    """
     import scipy.io
 
     try:
@@ -152,6 +157,15 @@ def _read_matconvnet(path: Path, arch: str) -> tuple[StateDict, Normalization]:
         raise ImpastoError(f"cannot read MatConvNet file {path} ({type(e).__name__})") from None
     if "layers" not in data:
         raise ImpastoError(f"{path} is not a MatConvNet network (no 'layers')")
+    try:
+        return _matconvnet_layers(data), _matconvnet_normalization(data)
+    except (ValueError, IndexError, KeyError, TypeError) as e:
+        raise ImpastoError(f"MatConvNet file {path} is malformed ({e})") from None
+
+
+def _matconvnet_layers(data: dict) -> StateDict:
+    import numpy as np
+
     state: StateDict = {}
     for cell in data["layers"].ravel():
         layer = cell.ravel()[0]
@@ -160,9 +174,9 @@ def _read_matconvnet(path: Path, arch: str) -> tuple[StateDict, Normalization]:
         if kind != "conv" or not name.startswith("conv"):
             continue
         kernel, bias = (np.asarray(w) for w in np.asarray(layer["weights"]).ravel()[:2])
-        state[f"{name}.weight"] = torch.from_numpy(np.ascontiguousarray(kernel.transpose(3, 2, 1, 0))).float()
+        state[f"{name}.weight"] = torch.from_numpy(np.ascontiguousarray(kernel.transpose(3, 2, 0, 1))).float()
         state[f"{name}.bias"] = torch.from_numpy(bias.ravel().copy()).float()
-    return state, _matconvnet_normalization(data)
+    return state
 
 
 def _matconvnet_normalization(data: dict) -> Normalization:
@@ -170,10 +184,11 @@ def _matconvnet_normalization(data: dict) -> Normalization:
 
     for holder in (data.get("normalization"), _field(data.get("meta"), "normalization")):
         average = _field(holder, "averageImage")
-        if average is not None:
-            rgb = np.asarray(average, dtype=np.float64).reshape(-1, 3).mean(axis=0)
-            return Normalization(mean=(float(rgb[2]), float(rgb[1]), float(rgb[0])), scale=255.0, bgr=True)
-    return CAFFE_NORMALIZATION
+        values = None if average is None else np.asarray(average, dtype=np.float64)
+        if values is not None and values.size and values.size % 3 == 0:
+            rgb = values.reshape(-1, 3).mean(axis=0)
+            return Normalization(mean=(float(rgb[0]), float(rgb[1]), float(rgb[2])), scale=255.0)
+    return MATCONVNET_NORMALIZATION
 
 
 def _field(struct: object, name: str) -> object | None:

@@ -1,0 +1,722 @@
+"""Benchmark of impasto's artistic engine against a reference written the usual way.
+
+The reference follows the PyTorch neural style tutorial: VGG19 `features` as an nn.Sequential with a
+Normalization module first, non-inplace ReLUs, ContentLoss/StyleLoss modules inserted after the chosen
+layers (each computes its loss in forward and returns its input), the model cut after the last loss
+module, `input_img.requires_grad_(True)`, `model.requires_grad_(False)`, NCHW, default threads and
+torch.optim.LBFGS / Adam. It uses the same layers, the same (random) conv weights, the same loss formulas
+as impasto's losses.py, the same optimizer settings and the same start, so both compute the same thing.
+
+Measured: seconds per iteration (L-BFGS and Adam) at each size, time to build the targets, peak memory
+(each configuration in a fresh subprocess, ru_maxrss), loss agreement, a FLOP lower bound per iteration,
+and time to result of a coarse-to-fine (--scales) run against a single-scale one.
+
+    .venv/bin/python bench/artistic.py            # full run (long on a small CPU)
+    .venv/bin/python bench/artistic.py --quick    # a few minutes
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import gc
+import json
+import os
+import platform
+import resource
+import statistics
+import subprocess
+import sys
+import time
+import warnings
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn, optim
+
+from impasto import images
+from impasto.artistic import (
+    DEFAULT_CONTENT_LAYERS,
+    DEFAULT_STYLE_LAYERS,
+    Progress,
+    StylizeOptions,
+    build_loss,
+    layer_weights,
+    stylize_tensors,
+)
+from impasto.nets import VGGFeatures, load_vgg
+
+warnings.filterwarnings("ignore", message="using random VGG weights")
+
+ROOT = Path(__file__).resolve().parent.parent
+DATA = ROOT.parent / "shared" / "data"
+CONTENT_LAYERS = list(DEFAULT_CONTENT_LAYERS)
+STYLE_LAYERS = list(DEFAULT_STYLE_LAYERS)
+# torchvision's vgg19().features layout: channels per conv, "M" for a max-pooling layer.
+VGG19 = [64, 64, "M", 128, 128, "M", 256, 256, 256, 256, "M", 512, 512, 512, 512, "M", 512, 512, 512, 512, "M"]
+MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+
+
+# --- the reference: the PyTorch neural style tutorial, with impasto's loss formulas -------------------
+
+class Normalization(nn.Module):
+    def __init__(self, mean: tuple[float, ...], std: tuple[float, ...]) -> None:
+        super().__init__()
+        self.register_buffer("mean", torch.tensor(mean).view(-1, 1, 1))
+        self.register_buffer("std", torch.tensor(std).view(-1, 1, 1))
+
+    def forward(self, img: torch.Tensor) -> torch.Tensor:
+        return (img - self.mean) / self.std
+
+
+def ref_gram_matrix(input: torch.Tensor) -> torch.Tensor:
+    a, b, c, d = input.size()
+    features = input.view(a * b, c * d)
+    g = torch.mm(features, features.t())
+    return g.div(a * b * c * d)
+
+
+class ContentLoss(nn.Module):
+    """Relative squared error ||F - P||^2 / ||P||^2 (impasto's content_loss)."""
+
+    def __init__(self, target: torch.Tensor, weight: float) -> None:
+        super().__init__()
+        self.target = target.detach()
+        self.energy = self.target.pow(2).sum().clamp_min(1e-8)
+        self.weight = weight
+        self.loss = torch.zeros(())
+
+    def forward(self, input: torch.Tensor) -> torch.Tensor:
+        self.loss = F.mse_loss(input, self.target, reduction="sum") / self.energy
+        return input
+
+
+class StyleLoss(nn.Module):
+    """Relative squared error of Gram matrices (impasto's style_loss), gram = F F^T / (C H W)."""
+
+    def __init__(self, target_feature: torch.Tensor, weight: float) -> None:
+        super().__init__()
+        self.target = ref_gram_matrix(target_feature).detach()
+        self.energy = self.target.pow(2).sum().clamp_min(1e-8)
+        self.weight = weight
+        self.loss = torch.zeros(())
+
+    def forward(self, input: torch.Tensor) -> torch.Tensor:
+        g = ref_gram_matrix(input)
+        self.loss = F.mse_loss(g, self.target, reduction="sum") / self.energy
+        return input
+
+
+def ref_tv_loss(img: torch.Tensor) -> torch.Tensor:
+    """Squared total variation, mean over pixels (impasto's tv_loss with power 2)."""
+    dx = img[..., :-1, 1:] - img[..., :-1, :-1]
+    dy = img[..., 1:, :-1] - img[..., :-1, :-1]
+    return (dx.pow(2) + dy.pow(2)).mean()
+
+
+def vgg19_features() -> nn.Sequential:
+    """A stand-in for `torchvision.models.vgg19().features` (torchvision is not installed here)."""
+    layers: list[nn.Module] = []
+    in_ch = 3
+    for v in VGG19:
+        if v == "M":
+            layers.append(nn.MaxPool2d(kernel_size=2, stride=2))
+        else:
+            layers += [nn.Conv2d(in_ch, int(v), kernel_size=3, padding=1), nn.ReLU(inplace=True)]
+            in_ch = int(v)
+    return nn.Sequential(*layers).eval()
+
+
+def copy_weights(cnn: nn.Sequential, net: VGGFeatures) -> None:
+    """Copy impasto's conv weights into the reference's convs (the ones impasto's cut network has)."""
+    convs = [m for m in cnn.children() if isinstance(m, nn.Conv2d)]
+    with torch.no_grad():
+        for conv, name in zip(convs, net.conv_names, strict=False):
+            src = getattr(net.layers, name)
+            conv.weight.copy_(src.weight)
+            conv.bias.copy_(src.bias)
+
+
+def get_style_model_and_losses(cnn: nn.Sequential, style_img: torch.Tensor, content_img: torch.Tensor,
+                               content_layers: list[str], style_layers: list[str]):
+    """The tutorial's model builder: targets are computed while the model grows, layer by layer."""
+    content_w = layer_weights(content_layers, None)
+    style_w = layer_weights(style_layers, None)
+    content_losses, style_losses = [], []
+    model = nn.Sequential(Normalization(MEAN, STD))
+    block, i = 1, 0
+    for layer in cnn.children():
+        if isinstance(layer, nn.Conv2d):
+            i += 1
+            name = f"conv{block}_{i}"
+        elif isinstance(layer, nn.ReLU):
+            name = f"relu{block}_{i}"
+            layer = nn.ReLU(inplace=False)  # the tutorial's replacement: in-place ReLUs break the loss modules
+        elif isinstance(layer, nn.MaxPool2d):
+            name = f"pool{block}"
+            block, i = block + 1, 0
+        else:
+            raise RuntimeError(f"unrecognized layer: {layer.__class__.__name__}")
+        model.add_module(name, layer)
+        if name in content_layers:
+            target = model(content_img).detach()
+            content_loss = ContentLoss(target, content_w[name])
+            model.add_module(f"content_loss_{name}", content_loss)
+            content_losses.append(content_loss)
+        if name in style_layers:
+            target_feature = model(style_img).detach()
+            style_loss = StyleLoss(target_feature, style_w[name])
+            model.add_module(f"style_loss_{name}", style_loss)
+            style_losses.append(style_loss)
+    for i in range(len(model) - 1, -1, -1):
+        if isinstance(model[i], (ContentLoss, StyleLoss)):
+            break
+    model = model[: (i + 1)]
+    return model, style_losses, content_losses
+
+
+def run_reference(model: nn.Module, style_losses: list[StyleLoss], content_losses: list[ContentLoss],
+                  input_img: torch.Tensor, optimizer: str, iterations: int, on_step: Callable[[float], None],
+                  content_weight: float = 1.0, style_weight: float = 10.0, tv_weight: float = 1.0) -> torch.Tensor:
+    """The tutorial's loop, with impasto's optimizer settings (one L-BFGS iteration per step, no clamping
+    inside the closure; Adam clamps after each step) so that both runs follow the same trajectory."""
+    input_img.requires_grad_(True)
+    model.eval()
+    model.requires_grad_(False)
+    if optimizer == "lbfgs":
+        opt: optim.Optimizer = optim.LBFGS([input_img], lr=1.0, max_iter=1, history_size=100,
+                                           tolerance_grad=0.0, tolerance_change=0.0)
+    else:
+        opt = optim.Adam([input_img], lr=0.02, betas=(0.9, 0.999), eps=1e-8)
+
+    def closure() -> torch.Tensor:
+        opt.zero_grad()
+        model(input_img)
+        content_score = sum(cl.weight * cl.loss for cl in content_losses)
+        style_score = sum(sl.weight * sl.loss for sl in style_losses)
+        loss = content_weight * content_score + style_weight * style_score + tv_weight * ref_tv_loss(input_img)
+        loss.backward()
+        return loss
+
+    for _ in range(iterations):
+        loss = opt.step(closure)  # type: ignore[arg-type]
+        if optimizer == "adam":
+            with torch.no_grad():
+                input_img.clamp_(0, 1)
+        on_step(float(loss))
+    return input_img.detach()
+
+
+def build_reference(net: VGGFeatures) -> nn.Sequential:
+    cnn = vgg19_features()
+    copy_weights(cnn, net)
+    return cnn
+
+
+# --- inputs ------------------------------------------------------------------------------------------
+
+def load_inputs(content_path: str | None, style_path: str | None) -> tuple[torch.Tensor, torch.Tensor, str]:
+    """Content (4:3) and style images: the shared test images when present, else generated ones."""
+    c = Path(content_path) if content_path else DATA / "content" / "tubingen.jpg"
+    s = Path(style_path) if style_path else DATA / "style" / "starry_night.jpg"
+    if c.is_file() and s.is_file():
+        return images.load_image(c), images.load_image(s), f"{c.name} + {s.name}"
+    g = torch.Generator().manual_seed(1)
+    content = F.interpolate(torch.rand(1, 3, 48, 64, generator=g), size=(384, 512), mode="bilinear")[0]
+    style = F.interpolate(torch.rand(1, 3, 64, 64, generator=g), size=(512, 512), mode="bilinear")[0]
+    return content.clamp(0, 1), style.clamp(0, 1), "generated random images (384x512 + 512x512)"
+
+
+def at_size(content: torch.Tensor, style: torch.Tensor, size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The content and style exactly as impasto's engine sizes them (style at the content's width)."""
+    hw = images.size_for_long_side(content.shape[-2], content.shape[-1], size)
+    c = images.resize(content, hw)
+    s = images.resize(style, images.size_for_width(style.shape[-2], style.shape[-1], hw[1]))
+    return c, s
+
+
+def make_net(seed: int) -> VGGFeatures:
+    torch.manual_seed(seed)
+    return load_vgg("vgg19", [*CONTENT_LAYERS, *STYLE_LAYERS], "max", "random", "auto", "cpu")
+
+
+def options(size: int, iterations: int, optimizer: str, **kw: Any) -> StylizeOptions:
+    return StylizeOptions(size=size, iterations=iterations, optimizer=optimizer, weights="random", device="cpu",
+                          **kw)
+
+
+# --- measurements ------------------------------------------------------------------------------------
+
+def per_iteration(stamps: list[float], warmup: int, block: int) -> list[float]:
+    """Seconds per iteration of each block of `block` iterations after `warmup` ones (stamps[k - 1] is the
+    time at the end of iteration k)."""
+    out = []
+    start = max(warmup, 1)
+    while start + block <= len(stamps):
+        out.append((stamps[start + block - 1] - stamps[start - 1]) / block)
+        start += block
+    return out
+
+
+def time_impasto(net: VGGFeatures, content: torch.Tensor, style: torch.Tensor, size: int, optimizer: str,
+                 n: int) -> tuple[list[float], list[float]]:
+    """Timestamps after each iteration and the loss of each iteration, through stylize_tensors."""
+    stamps: list[float] = []
+    losses: list[float] = []
+
+    def cb(p: Progress) -> None:
+        stamps.append(time.perf_counter())
+        losses.append(p.step.loss)
+
+    stylize_tensors(content, [style], options(size, n, optimizer), callbacks=[cb], net=net)
+    return stamps, losses
+
+
+def time_reference(cnn: nn.Sequential, content: torch.Tensor, style: torch.Tensor, size: int, optimizer: str,
+                   n: int) -> tuple[list[float], list[float]]:
+    c, s = at_size(content, style, size)
+    stamps: list[float] = []
+    losses: list[float] = []
+
+    def on_step(loss: float) -> None:
+        stamps.append(time.perf_counter())
+        losses.append(loss)
+
+    model, style_losses, content_losses = get_style_model_and_losses(cnn, s.unsqueeze(0), c.unsqueeze(0),
+                                                                     CONTENT_LAYERS, STYLE_LAYERS)
+    input_img = c.unsqueeze(0).clone()
+    run_reference(model, style_losses, content_losses, input_img, optimizer, n, on_step)
+    return stamps, losses
+
+
+def time_targets(net: VGGFeatures, cnn: nn.Sequential, content: torch.Tensor, style: torch.Tensor, size: int,
+                 repeats: int) -> tuple[float, float]:
+    c, s = at_size(content, style, size)
+    opts = options(size, 1, "lbfgs")
+    imp, ref = [], []
+    for _ in range(repeats):
+        t = time.perf_counter()
+        build_loss(net, c, [s], opts, contextlib.nullcontext)
+        imp.append(time.perf_counter() - t)
+        t = time.perf_counter()
+        get_style_model_and_losses(cnn, s.unsqueeze(0), c.unsqueeze(0), CONTENT_LAYERS, STYLE_LAYERS)
+        ref.append(time.perf_counter() - t)
+    return statistics.median(imp), statistics.median(ref)
+
+
+def impasto_objective(net: VGGFeatures, content: torch.Tensor, style: torch.Tensor, size: int):
+    c, s = at_size(content, style, size)
+    loss = build_loss(net, c, [s], options(size, 1, "lbfgs"), contextlib.nullcontext)
+
+    def objective(x: torch.Tensor) -> torch.Tensor:
+        total, _ = loss(x, net(x))
+        return total
+
+    return objective, c
+
+
+def count_flops(net: VGGFeatures, cnn: nn.Sequential, content: torch.Tensor, style: torch.Tensor,
+                size: int) -> tuple[int, int]:
+    """FLOPs of one objective evaluation (forward + backward to the image), impasto and reference."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    objective, c = impasto_objective(net, content, style, size)
+    x = c.unsqueeze(0).clone().requires_grad_(True)
+    with FlopCounterMode(display=False) as counter:
+        objective(x).backward()
+    imp = counter.get_total_flops()
+    c, s = at_size(content, style, size)
+    model, sls, cls = get_style_model_and_losses(cnn, s.unsqueeze(0), c.unsqueeze(0), CONTENT_LAYERS, STYLE_LAYERS)
+    x = c.unsqueeze(0).clone().requires_grad_(True)
+    model.requires_grad_(False)
+    with FlopCounterMode(display=False) as counter:
+        model(x)
+        loss = sum(cl.weight * cl.loss for cl in cls) + 10 * sum(sl.weight * sl.loss for sl in sls) + ref_tv_loss(x)
+        loss.backward()  # type: ignore[union-attr]
+    return imp, counter.get_total_flops()
+
+
+CONV_SHAPES = [(64, 64, 256), (128, 128, 128), (256, 256, 128), (512, 512, 64)]  # (in, out, side) VGG uses
+
+
+def conv_throughput(repeats: int) -> list[tuple[str, float]]:
+    """Best forward FLOP/s of 3x3 convolutions at VGG's shapes, NCHW and channels_last."""
+    out = []
+    torch.manual_seed(0)
+    for cin, cout, side in CONV_SHAPES:
+        for layout in ("NCHW", "channels_last"):
+            fmt = torch.channels_last if layout == "channels_last" else torch.contiguous_format
+            x = torch.randn(1, cin, side, side).contiguous(memory_format=fmt)
+            w = torch.randn(cout, cin, 3, 3).contiguous(memory_format=fmt)
+            flops = 2 * cin * cout * 9 * side * side
+            best = float("inf")
+            with torch.no_grad():
+                F.conv2d(x, w, padding=1)
+                for _ in range(repeats):
+                    t = time.perf_counter()
+                    F.conv2d(x, w, padding=1)
+                    best = min(best, time.perf_counter() - t)
+            out.append((f"{cin}->{cout} @ {side}x{side} {layout}", flops / best))
+    return out
+
+
+# --- subprocess workers: peak memory and speed experiments ------------------------------------------
+
+def rss_bytes() -> int:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+def maxrss_bytes() -> int:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # KiB on Linux
+
+
+def worker_memory(spec: dict) -> dict:
+    """Build the targets and run a few iterations of one configuration; report peak RSS."""
+    content, style, _ = load_inputs(spec["content"], spec["style"])
+    net = make_net(spec["seed"])
+    cnn = None
+    if spec["tool"] == "reference":
+        cnn = build_reference(net)
+        del net
+        net = None  # the reference holds only its own copy of the weights
+    gc.collect()
+    base_rss, base_max = rss_bytes(), maxrss_bytes()
+    if spec["tool"] == "impasto":
+        stylize_tensors(content, [style], options(spec["size"], spec["iterations"], spec["optimizer"]), net=net)
+    else:
+        assert cnn is not None
+        time_reference(cnn, content, style, spec["size"], spec["optimizer"], spec["iterations"])
+    peak = maxrss_bytes()
+    return {"baseline_rss": base_rss, "baseline_maxrss": base_max, "peak": peak, "delta": peak - base_rss}
+
+
+def worker_eval(spec: dict) -> dict:
+    """Median seconds of one objective evaluation (forward + backward) of impasto's modules, in a variant."""
+    variant = spec["variant"]
+    if "mallopt" in variant:
+        import ctypes
+
+        libc = ctypes.CDLL("libc.so.6")
+        # M_MMAP_MAX = 0: big buffers come from the heap, not fresh mmaps that page-fault on every iteration;
+        # M_TRIM_THRESHOLD: freed memory stays with the process for the next iteration.
+        if not (libc.mallopt(-4, 0) and libc.mallopt(-1, 2**31 - 1)):
+            raise RuntimeError("mallopt failed")
+    if "threads1" in variant:
+        torch.set_num_threads(1)
+    content, style, _ = load_inputs(spec["content"], spec["style"])
+    net = make_net(spec["seed"])
+    objective, c = impasto_objective(net, content, style, spec["size"])
+    fmt = torch.channels_last if "channels_last" in variant else torch.contiguous_format
+    net = net.to(memory_format=fmt)
+    x = c.unsqueeze(0).clone().contiguous(memory_format=fmt).requires_grad_(True)
+    ctx = torch.backends.mkldnn.flags(enabled=False) if "no_mkldnn" in variant else contextlib.nullcontext()
+    fn = objective
+    if "compile" in variant:
+        fn = torch.compile(objective)
+    times = []
+    with ctx:
+        for i in range(spec["warmup"] + spec["repeats"]):
+            t = time.perf_counter()
+            x.grad = None
+            loss = fn(x)
+            loss.backward()
+            float(loss)
+            if i >= spec["warmup"]:
+                times.append(time.perf_counter() - t)
+    return {"median": statistics.median(times), "min": min(times), "times": times}
+
+
+def in_subprocess(kind: str, spec: dict) -> dict:
+    cmd = [sys.executable, str(Path(__file__).resolve()), "--worker", kind, "--spec", json.dumps(spec)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
+    if proc.returncode != 0:
+        raise RuntimeError(f"worker {kind} {spec} failed:\n{proc.stderr[-3000:]}")
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+# --- time to result with --scales ---------------------------------------------------------------------
+
+class _Reached(KeyboardInterrupt):
+    """Raised by a callback to stop a run once it has reached the target loss (optimize() stops cleanly)."""
+
+
+def time_to_result(net: VGGFeatures, content: torch.Tensor, style: torch.Tensor, size: int, single_iters: int,
+                   scales: list[int], scale_iters: list[int]) -> dict:
+    curve: list[tuple[float, float]] = []
+    t0 = time.perf_counter()
+
+    def single_cb(p: Progress) -> None:
+        curve.append((time.perf_counter() - t0, p.step.loss))
+
+    result = stylize_tensors(content, [style], options(size, single_iters, "lbfgs"), callbacks=[single_cb], net=net)
+    t_single = time.perf_counter() - t0
+    target = result.loss
+    reached: list[tuple[float, int, float]] = []
+    last: list[tuple[float, int, float]] = []
+    starts: dict[int, float] = {}
+
+    def multi_cb(p: Progress) -> None:
+        now = time.perf_counter() - t1
+        starts.setdefault(p.scale, now)
+        if p.scale == p.scales - 1:
+            last[:] = [(now, p.step.iteration, p.step.loss)]
+            if p.step.loss <= target and not reached:
+                reached.append((now, p.step.iteration, p.step.loss))
+                raise _Reached
+
+    opts = options(size, single_iters, "lbfgs", scales=scales, scale_iterations=scale_iters)
+    t1 = time.perf_counter()
+    multi = stylize_tensors(content, [style], opts, callbacks=[multi_cb], net=net)
+    t_multi_total = time.perf_counter() - t1
+    checkpoints = {}
+    for k in (1, 10, 50, 100, 200, 300, single_iters):
+        if k <= len(curve):
+            checkpoints[k] = curve[k - 1]
+    return {
+        "size": size, "single_iterations": single_iters, "scales": scales, "scale_iterations": scale_iters,
+        "target": target, "t_single": t_single, "single_curve_checkpoints": checkpoints,
+        "reached": reached[0] if reached else None, "multi_last": last[0] if last else None,
+        "multi_loss": multi.loss, "t_multi_total": t_multi_total, "scale_starts": starts,
+    }
+
+
+# --- output ------------------------------------------------------------------------------------------
+
+def table(headers: list[str], rows: list[list[Any]]) -> str:
+    cells = [[str(h) for h in headers]] + [[str(c) for c in r] for r in rows]
+    widths = [max(len(r[i]) for r in cells) for i in range(len(headers))]
+    lines = ["  ".join(c.rjust(w) if i else c.ljust(w) for i, (c, w) in enumerate(zip(r, widths, strict=True)))
+             for r in cells]
+    lines.insert(1, "  ".join("-" * w for w in widths))
+    return "\n".join(lines)
+
+
+def machine() -> dict:
+    model = "unknown"
+    with contextlib.suppress(OSError), open("/proc/cpuinfo") as f:
+        for line in f:
+            if line.startswith("model name"):
+                model = line.split(":", 1)[1].strip()
+                break
+    return {"cpu": model, "cpus": os.cpu_count(), "python": platform.python_version(), "torch": torch.__version__,
+            "threads": torch.get_num_threads(), "mkldnn": torch.backends.mkldnn.is_available(),
+            "capability": torch.backends.cpu.get_cpu_capability()}
+
+
+def fmt_s(x: float) -> str:
+    return f"{x:.3f}" if x < 10 else f"{x:.1f}"
+
+
+def rel(a: float, b: float) -> float:
+    return abs(a - b) / max(abs(b), 1e-30)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--sizes", default="256,512", help="longer sides to time, comma-separated")
+    p.add_argument("--optimizers", default="lbfgs,adam")
+    p.add_argument("--iterations", type=int, default=3, help="iterations per timed repeat")
+    p.add_argument("--repeats", type=int, default=5, help="timed repeats (the median is reported)")
+    p.add_argument("--warmup", type=int, default=2, help="warm-up iterations before timing")
+    p.add_argument("--target-repeats", type=int, default=3)
+    p.add_argument("--mem-iterations", type=int, default=3, help="iterations run when measuring peak memory")
+    p.add_argument("--conv-repeats", type=int, default=5)
+    p.add_argument("--scale-size", type=int, default=512, help="output size of the time-to-result runs")
+    p.add_argument("--single-iterations", type=int, default=300, help="iterations of the single-scale run")
+    p.add_argument("--scales", default="128,256,512", help="the multi-scale run's scales")
+    p.add_argument("--scale-iterations", default="200,100,300",
+                   help="its iterations per scale (the last is a cap: it stops at the single-scale loss)")
+    p.add_argument("--experiments", default="base,channels_last,no_mkldnn,mallopt,mallopt+channels_last",
+                   help="variants of impasto's objective to time in subprocesses ('' to skip)")
+    p.add_argument("--experiment-size", type=int, default=512)
+    p.add_argument("--skip", default="", help="comma-separated parts to skip: speed,targets,memory,flops,scales")
+    p.add_argument("--quick", action="store_true", help="small sizes and few iterations: a few minutes")
+    p.add_argument("--content", default=None)
+    p.add_argument("--style", default=None)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--json", default=None, help="also write all figures to this JSON file")
+    p.add_argument("--worker", default=None, help=argparse.SUPPRESS)
+    p.add_argument("--spec", default=None, help=argparse.SUPPRESS)
+    args = p.parse_args(argv)
+
+    if args.worker:
+        spec = json.loads(args.spec)
+        out = worker_memory(spec) if args.worker == "memory" else worker_eval(spec)
+        print(json.dumps(out))
+        return 0
+
+    if args.quick:
+        args.sizes, args.iterations, args.repeats, args.warmup = "128,256", 2, 3, 1
+        args.target_repeats, args.mem_iterations, args.conv_repeats = 1, 2, 3
+        args.scale_size, args.single_iterations, args.scales, args.scale_iterations = 256, 60, "64,128,256", "60,30,60"
+        args.experiments, args.experiment_size = "base,channels_last", 256
+    sizes = [int(s) for s in args.sizes.split(",")]
+    optimizers = args.optimizers.split(",")
+    skip = set(filter(None, args.skip.split(",")))
+    n_iter = args.warmup + args.repeats * args.iterations
+    report: dict[str, Any] = {"args": vars(args)}
+
+    info = machine()
+    load_before = os.getloadavg()
+    content, style, source = load_inputs(args.content, args.style)
+    report.update(machine=info, load_before=load_before, images=source)
+    print(f"CPU: {info['cpu']} ({info['cpus']} logical CPUs, {info['capability']}), torch {info['torch']}, "
+          f"threads {info['threads']}, mkldnn {info['mkldnn']}, python {info['python']}")
+    print(f"load average before: {' '.join(f'{x:.2f}' for x in load_before)}")
+    print(f"images: {source}; weights: random He-initialized VGG19 (timings do not depend on weight values)")
+    print(f"per-iteration timing: {args.warmup} warm-up iterations, then the median of {args.repeats} repeats "
+          f"of {args.iterations} iterations\n")
+
+    net = make_net(args.seed)
+    cnn = build_reference(net)
+    t_start = time.perf_counter()
+
+    # 1 + 4: seconds per iteration and loss agreement
+    speed: dict[str, dict] = {}
+    if "speed" not in skip:
+        for size in sizes:
+            for opt in optimizers:
+                s_imp, l_imp = time_impasto(net, content, style, size, opt, n_iter)
+                gc.collect()
+                s_ref, l_ref = time_reference(cnn, content, style, size, opt, n_iter)
+                gc.collect()
+                pi, pr = per_iteration(s_imp, args.warmup, args.iterations), per_iteration(s_ref, args.warmup,
+                                                                                         args.iterations)
+                key = f"{size}/{opt}"
+                speed[key] = {"impasto": statistics.median(pi), "reference": statistics.median(pr),
+                              "impasto_repeats": pi, "reference_repeats": pr, "losses_impasto": l_imp,
+                              "losses_reference": l_ref}
+                print(f"  {key}: impasto {statistics.median(pi):.3f} s/it, reference {statistics.median(pr):.3f} "
+                      f"s/it", flush=True)
+        rows = []
+        for key, v in speed.items():
+            rows.append([key, fmt_s(v["impasto"]), fmt_s(v["reference"]), f"{v['reference'] / v['impasto']:.2f}x",
+                         f"{min(v['impasto_repeats']):.3f}-{max(v['impasto_repeats']):.3f}",
+                         f"{min(v['reference_repeats']):.3f}-{max(v['reference_repeats']):.3f}"])
+        print("\n1. Seconds per iteration (median; the range of the repeats after it)")
+        print(table(["size/optimizer", "impasto", "reference", "ref/impasto", "impasto range", "ref range"], rows))
+        rows = []
+        for key, v in speed.items():
+            li, lr = v["losses_impasto"], v["losses_reference"]
+            rows.append([key, f"{li[0]:.6g}", f"{lr[0]:.6g}", f"{rel(li[0], lr[0]):.1e}", len(li), f"{li[-1]:.6g}",
+                         f"{lr[-1]:.6g}", f"{rel(li[-1], lr[-1]):.1e}",
+                         f"{max(rel(a, b) for a, b in zip(li, lr, strict=True)):.1e}"])
+        print("\n4. Loss agreement from the same start (first evaluation; after N iterations; worst over all)")
+        print(table(["size/optimizer", "impasto 1st", "ref 1st", "rel diff", "N", "impasto N", "ref N", "rel diff",
+                     "worst"], rows))
+    report["speed"] = speed
+
+    # 2: building the targets
+    targets: dict[int, tuple[float, float]] = {}
+    if "targets" not in skip:
+        for size in sizes:
+            targets[size] = time_targets(net, cnn, content, style, size, args.target_repeats)
+        print(f"\n2. Seconds to build the targets (content features + style Grams; median of {args.target_repeats})")
+        print(table(["size", "impasto", "reference", "ref/impasto"],
+                    [[s, fmt_s(a), fmt_s(b), f"{b / a:.2f}x"] for s, (a, b) in targets.items()]))
+    report["targets"] = targets
+
+    # 3: peak memory, each configuration in a fresh subprocess
+    memory: dict[str, dict] = {}
+    if "memory" not in skip:
+        for size in sizes:
+            for opt in optimizers:
+                for tool in ("impasto", "reference"):
+                    spec = {"tool": tool, "size": size, "optimizer": opt, "iterations": args.mem_iterations,
+                            "seed": args.seed, "content": args.content, "style": args.style}
+                    memory[f"{size}/{opt}/{tool}"] = in_subprocess("memory", spec)
+        rows = []
+        for size in sizes:
+            for opt in optimizers:
+                a, b = memory[f"{size}/{opt}/impasto"], memory[f"{size}/{opt}/reference"]
+                rows.append([f"{size}/{opt}", f"{a['delta'] / 2**20:.0f}", f"{b['delta'] / 2**20:.0f}",
+                             f"{b['delta'] / a['delta']:.2f}x", f"{a['peak'] / 2**20:.0f}", f"{b['peak'] / 2**20:.0f}"])
+        print(f"\n3. Peak memory, MiB (fresh process each: targets + {args.mem_iterations} iterations; delta = peak "
+              "RSS minus RSS once the network is loaded)")
+        print(table(["size/optimizer", "impasto delta", "ref delta", "ref/impasto", "impasto peak", "ref peak"], rows))
+    report["memory"] = memory
+
+    # 5: FLOP lower bound
+    bound: dict[str, Any] = {}
+    if "flops" not in skip:
+        rates = conv_throughput(args.conv_repeats)
+        best = max(r for _, r in rates)
+        print("\n5. Convolution throughput (forward, best of "
+              f"{args.conv_repeats}), GFLOP/s: " + ", ".join(f"{n} {r / 1e9:.1f}" for n, r in rates))
+        rows = []
+        for size in sizes:
+            fi, fr = count_flops(net, cnn, content, style, size)
+            lb = fi / best
+            entry: dict[str, Any] = {"flops_impasto": fi, "flops_reference": fr, "bound_s": lb}
+            row = [size, f"{fi / 1e9:.1f}", f"{fr / 1e9:.1f}", f"{lb:.3f}"]
+            if f"{size}/lbfgs" in speed:
+                v = speed[f"{size}/lbfgs"]
+                entry.update(impasto_ratio=v["impasto"] / lb, reference_ratio=v["reference"] / lb)
+                row += [f"{v['impasto'] / lb:.2f}x", f"{v['reference'] / lb:.2f}x"]
+            else:
+                row += ["-", "-"]
+            bound[str(size)] = entry
+            rows.append(row)
+        print(f"   lower bound = FLOPs of one evaluation / best rate ({best / 1e9:.1f} GFLOP/s)")
+        print(table(["size", "GFLOP impasto", "GFLOP ref", "bound s/it", "impasto/bound (L-BFGS)",
+                     "ref/bound (L-BFGS)"], rows))
+        bound["rates"] = rates
+        bound["best_rate"] = best
+    report["bound"] = bound
+
+    # speed experiments on impasto's modules (no source changes), each in a fresh subprocess
+    experiments: dict[str, dict] = {}
+    variants = [v for v in args.experiments.split(",") if v]
+    if variants:
+        for variant in variants:
+            spec = {"variant": variant, "size": args.experiment_size, "seed": args.seed, "warmup": 1, "repeats": 5,
+                    "content": args.content, "style": args.style}
+            experiments[variant] = in_subprocess("eval", spec)
+        base = experiments.get("base", next(iter(experiments.values())))["median"]
+        print(f"\nSpeed experiments: one objective evaluation (forward + backward) of impasto's modules at "
+              f"{args.experiment_size} px, median of 5, fresh process each")
+        print(table(["variant", "s/eval", "min", "vs base"],
+                    [[k, f"{v['median']:.3f}", f"{v['min']:.3f}", f"{base / v['median']:.2f}x"]
+                     for k, v in experiments.items()]))
+    report["experiments"] = experiments
+
+    # 6: time to result with --scales
+    if "scales" not in skip:
+        r = time_to_result(net, content, style, args.scale_size, args.single_iterations,
+                           [int(s) for s in args.scales.split(",")], [int(s) for s in args.scale_iterations.split(",")])
+        report["scales"] = r
+        print(f"\n6. Time to result at {r['size']} px (L-BFGS): single scale, {r['single_iterations']} iterations, "
+              f"vs scales {r['scales']} with iterations {r['scale_iterations']}")
+        print("   single-scale loss vs time: " + ", ".join(
+            f"it {k}: {t:.0f} s, {loss:.5g}" for k, (t, loss) in r["single_curve_checkpoints"].items()))
+        print(f"   single-scale final loss {r['target']:.6g} after {r['t_single']:.1f} s")
+        print("   multi-scale scale start times: " + ", ".join(f"scale {k}: {t:.1f} s" for k, t in
+                                                              r["scale_starts"].items()))
+        if r["reached"]:
+            t, it, loss = r["reached"]
+            print(f"   multi-scale reached {loss:.6g} at {size_label(r)} iteration {it} after {t:.1f} s: "
+                  f"{t / r['t_single']:.2f} of the single-scale time ({r['t_single'] / t:.2f}x faster)")
+        else:
+            t, it, loss = r["multi_last"]
+            print(f"   multi-scale did NOT reach it: {loss:.6g} at {size_label(r)} iteration {it} after {t:.1f} s")
+
+    load_after = os.getloadavg()
+    report["load_after"] = load_after
+    report["elapsed_s"] = time.perf_counter() - t_start
+    print(f"\nload average after: {' '.join(f'{x:.2f}' for x in load_after)}; "
+          f"benchmark took {report['elapsed_s'] / 60:.1f} min")
+    if args.json:
+        Path(args.json).write_text(json.dumps(report, indent=1, default=str))
+    return 0
+
+
+def size_label(r: dict) -> str:
+    return f"{r['size']}-px"
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,406 @@
+"""The `impasto` command line: usage errors, checkpoints, metadata, side-by-side sheets, resume and Ctrl-C.
+
+Runs call `impasto.cli.main` in-process (argparse's usage errors arrive as SystemExit); only the Ctrl-C
+test starts a subprocess. Every run uses random weights, average pooling, 48 px, few iterations and a
+network cut after relu2_1, so the whole file stays fast on a small CPU.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import resource
+import shlex
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from impasto.cli import main
+from impasto.images import read_metadata
+
+FAST = ["--weights", "random", "--pooling", "avg", "--size", "48", "--quiet",
+        "--style-layers", "relu1_1,relu2_1", "--content-layers", "relu2_1"]
+RANDOM_WARNING = "impasto: warning: using random VGG weights"
+CONTENT_RGB = (0.8, 0.3, 0.2)  # reddish
+STYLE_RGB = (0.2, 0.3, 0.8)  # bluish
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """One torch thread: on a small, busy CPU this is much faster than two threads fighting."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def write_png(path: Path, width: int, height: int, rgb: tuple[float, float, float], seed: int = 0) -> Path:
+    """A plain PNG (no metadata): a mean colour with a diagonal wave and seeded noise."""
+    rng = np.random.default_rng(seed)
+    yy, xx = np.mgrid[0:height, 0:width]
+    wave = 0.12 * np.sin((xx + 2 * yy) * 0.5)[..., None]
+    arr = np.asarray(rgb).reshape(1, 1, 3) + wave + 0.1 * (rng.random((height, width, 3)) - 0.5)
+    Image.fromarray((arr.clip(0, 1) * 255).round().astype(np.uint8), "RGB").save(path)
+    return path
+
+
+@pytest.fixture
+def pics(tmp_path: Path) -> SimpleNamespace:
+    """A 64x48 content, three 40x40 styles, and an empty output directory, all under tmp_path."""
+    out_dir = tmp_path / "out"
+    out_dir.mkdir()
+    return SimpleNamespace(
+        dir=tmp_path,
+        content=write_png(tmp_path / "content.png", 64, 48, CONTENT_RGB, seed=1),
+        style=write_png(tmp_path / "style.png", 40, 40, STYLE_RGB, seed=2),
+        style2=write_png(tmp_path / "style2.png", 40, 40, (0.3, 0.8, 0.3), seed=3),
+        style3=write_png(tmp_path / "style3.png", 40, 40, (0.9, 0.9, 0.2), seed=4),
+        out_dir=out_dir,
+        out=out_dir / "result.png",
+    )
+
+
+def run(*argv: object) -> int:
+    """`impasto ARGV` in-process; argparse's usage errors exit through SystemExit."""
+    try:
+        return main([str(a) for a in argv])
+    except SystemExit as e:
+        return int(e.code or 0)
+
+
+def stylize(pics: SimpleNamespace, *extra: object, output: object = None, styles: list | None = None) -> int:
+    """A fast 6-iteration run; `extra` comes last so it can override any of the fast options."""
+    return run("stylize", pics.content, *(styles or [pics.style]), "-o", output or pics.out,
+               *FAST, "--iterations", "6", *extra)
+
+
+def the_error(err: str, prefix: str = "impasto: error:") -> str:
+    """The one error line on stderr; only the warning that --weights random itself asks for may precede it."""
+    assert "Traceback" not in err, err
+    lines = [line for line in err.splitlines() if not line.startswith(RANDOM_WARNING)]
+    assert len(lines) == 1, f"expected exactly one line on stderr, got:\n{err}"
+    assert lines[0].startswith(prefix + " "), lines[0]
+    return lines[0]
+
+
+def pixels(path: Path) -> np.ndarray:
+    with Image.open(path) as im:
+        return np.asarray(im.convert("RGB")).copy()
+
+
+def size_of(path: Path) -> tuple[int, int]:
+    with Image.open(path) as im:
+        return im.size
+
+
+def no_part_files(root: Path) -> list[Path]:
+    return sorted(root.rglob("*.part"))
+
+
+# --- bad input: exit 2, one line, no output ---------------------------------------------------
+
+
+def _thin_style(p):
+    thin = write_png(p.dir / "thin.png", 1, 40, STYLE_RGB)
+    return [p.content, thin], [], ["thin.png", "1x40"]
+
+
+def _text_style(p):
+    fake = p.dir / "notes.png"
+    fake.write_text("this is not an image\n")
+    return [p.content, fake], [], ["not an image", "notes.png"]
+
+
+def _dir_style(p):
+    folder = p.dir / "folder.png"
+    folder.mkdir()
+    return [p.content, folder], [], ["directory", "folder.png"]
+
+
+def _wrong_shapes(p):
+    weights = p.dir / "small.pth"
+    torch.save({"features.0.weight": torch.zeros(8, 3, 3, 3), "features.0.bias": torch.zeros(8)}, weights)
+    return [p.content, p.style], ["--weights", weights], ["shape", "(8, 3, 3, 3)", "(64, 3, 3, 3)"]
+
+
+def _text_weights(p):
+    weights = p.dir / "readme.pth"
+    weights.write_text("not weights\n")
+    return [p.content, p.style], ["--weights", weights], ["readme.pth", "state dict"]
+
+
+BAD_INPUT = {
+    "missing content": lambda p: ([p.dir / "nope.png", p.style], [], ["not found", "nope.png"]),
+    "text file named .png": _text_style,
+    "1x40 image": _thin_style,
+    "directory as image": _dir_style,
+    "3 styles, 2 blend weights": lambda p: (
+        [p.content, p.style, p.style2, p.style3], ["--style-blend-weights", "1,2"],
+        ["--style-blend-weights has 2 values but there are 3 style images"]),
+    "unknown content layer": lambda p: ([p.content, p.style], ["--content-layers", "relu9_9"], ["relu9_9"]),
+    "unknown output extension": lambda p: (
+        [p.content, p.style], ["-o", p.out_dir / "result.xyz"], ["unknown image format", "result.xyz"]),
+    "weights of the wrong shapes": _wrong_shapes,
+    "weights file that is text": _text_weights,
+    "missing weights file": lambda p: (
+        [p.content, p.style], ["--weights", p.dir / "gone.pth"], ["weights file not found", "gone.pth"]),
+    "resume from an empty dir": lambda p: (
+        [p.content, p.style], ["--resume", p.dir], ["no saved state", "state.pt"]),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD_INPUT))
+def test_bad_input_is_one_line_exit_2_and_writes_nothing(pics, capsys, case):
+    inputs, extra, expected = BAD_INPUT[case](pics)
+    code = run("stylize", *inputs, "-o", pics.out, *FAST, "--iterations", "6", *extra)
+    err = capsys.readouterr().err
+    assert code == 2
+    line = the_error(err)
+    for text in expected:
+        assert text in line
+    assert list(pics.out_dir.iterdir()) == []
+    assert no_part_files(pics.dir) == []
+
+
+@pytest.mark.parametrize(("value", "expected"), [("0", "must be positive, got 0"), ("abc", "'abc'")])
+def test_bad_size_is_an_argparse_usage_error(pics, capsys, value, expected):
+    assert stylize(pics, "--size", value) == 2
+    line = the_error(capsys.readouterr().err, prefix="impasto stylize: error:")
+    assert "--size" in line and expected in line
+    assert "usage:" not in line
+    assert list(pics.out_dir.iterdir()) == []
+
+
+def test_output_equal_to_an_input_is_refused_and_the_input_is_untouched(pics, capsys):
+    before = pics.style.read_bytes()
+    assert stylize(pics, output=pics.style) == 2
+    line = the_error(capsys.readouterr().err)
+    assert "also an input" in line and "style.png" in line
+    assert pics.style.read_bytes() == before
+    assert no_part_files(pics.dir) == []
+
+
+def test_absurd_size_is_refused_by_the_memory_guard_without_allocating(pics, capsys):
+    rss_before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux, a high-water mark
+    start = time.monotonic()
+    assert stylize(pics, "--size", "200000") == 2
+    elapsed = time.monotonic() - start
+    line = the_error(capsys.readouterr().err)
+    assert "GiB" in line and "--size" in line
+    assert elapsed < 30
+    assert resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - rss_before < 1 << 20  # grew by less than 1 GiB
+    assert list(pics.out_dir.iterdir()) == []
+
+
+def test_offline_default_weights_say_what_to_download_and_where(pics, capsys, monkeypatch, tmp_path):
+    with socket.socket() as s:  # a port that nothing listens on
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    url = f"http://127.0.0.1:{port}/vgg19-dcbb9e9d.pth"
+    torch_home = tmp_path / "torch_home"
+    monkeypatch.delenv("IMPASTO_WEIGHTS", raising=False)
+    for proxy in ("http_proxy", "HTTP_PROXY", "all_proxy", "ALL_PROXY"):
+        monkeypatch.delenv(proxy, raising=False)
+    monkeypatch.setenv("TORCH_HOME", str(torch_home))
+    monkeypatch.setenv("IMPASTO_WEIGHTS_URL", url)
+    fast_without_weights = FAST[2:]
+    assert FAST[:2] == ["--weights", "random"]
+    code = run("stylize", pics.content, pics.style, "-o", pics.out, *fast_without_weights, "--iterations", "6")
+    line = the_error(capsys.readouterr().err)
+    assert code == 2
+    assert url in line
+    assert str(torch_home / "hub" / "checkpoints" / "vgg19-dcbb9e9d.pth") in line
+    assert "--weights" in line
+    assert list(pics.out_dir.iterdir()) == []
+    assert no_part_files(tmp_path) == []
+
+
+# --- checkpoints ---------------------------------------------------------------------------------
+
+
+def test_checkpoints_are_written_every_n_iterations(pics):
+    ck = pics.dir / "ck"
+    assert stylize(pics, "--checkpoint-iterations", "2", "--checkpoint-output", ck / "ck_%s.png") == 0
+    assert sorted(p.name for p in ck.iterdir()) == ["ck_2.png", "ck_4.png", "ck_6.png"]
+    assert all(size_of(ck / name) == (48, 36) for name in ("ck_2.png", "ck_4.png", "ck_6.png"))
+    assert size_of(pics.out) == (48, 36)
+
+
+def test_checkpoint_numbers_continue_across_scales(pics):
+    ck = pics.dir / "ck"
+    code = stylize(pics, "--scales", "32,48", "--scale-iterations", "2,2", "--checkpoint-iterations", "1",
+                   "--checkpoint-output", ck / "ck_%s.png")
+    assert code == 0
+    assert sorted(p.name for p in ck.iterdir()) == ["ck_1.png", "ck_2.png", "ck_3.png", "ck_4.png"]
+    assert [size_of(ck / f"ck_{i}.png") for i in (1, 2, 3, 4)] == [(32, 24), (32, 24), (48, 36), (48, 36)]
+    assert size_of(pics.out) == (48, 36)
+    assert read_metadata(pics.out)["iterations"] == 4
+
+
+# --- metadata, info, reproduce --------------------------------------------------------------------
+
+
+def test_output_metadata_info_and_reproduce(pics, capsys):
+    assert stylize(pics, "--style-weight", "7.5") == 0
+    meta = read_metadata(pics.out)
+    assert meta["command"] == "stylize"
+    assert meta["content"] == str(pics.content) and meta["styles"] == [str(pics.style)]
+    assert meta["options"]["style_weight"] == 7.5 and meta["options"]["iterations"] == 6
+    assert meta["iterations"] == 6
+    capsys.readouterr()
+
+    assert run("info", pics.out) == 0
+    lines = [line.strip() for line in capsys.readouterr().out.splitlines()]
+    assert "style_weight: 7.5" in lines
+    assert "tv_weight: 1.0" in lines
+    assert "pooling: avg" in lines
+    [reproduce] = [line for line in lines if line.startswith("reproduce: ")]
+    words = shlex.split(reproduce.removeprefix("reproduce: "))
+    assert words[:2] == ["impasto", "stylize"]
+    command = " ".join(words)
+    for option in ("--style-weight 7.5", "--iterations 6", "--size 48", "--weights random", "--pooling avg",
+                   "--style-layers relu1_1,relu2_1", "--content-layers relu2_1", "-o OUT.png"):
+        assert option in command
+    assert "--tv-weight" not in command and "--content-weight" not in command  # defaults are left out
+
+    assert run("info", "--json", pics.out) == 0
+    assert json.loads(capsys.readouterr().out) == meta
+
+    again = pics.dir / "again.png"
+    rerun = [str(again) if w == "OUT.png" else w for w in words[1:]]
+    assert run(*rerun, "--quiet") == 0
+    assert np.array_equal(pixels(again), pixels(pics.out))
+
+
+def test_info_on_a_png_without_metadata(pics, capsys):
+    assert run("info", pics.content) == 2
+    line = the_error(capsys.readouterr().err)
+    assert "content.png" in line and "no impasto parameters" in line
+
+
+def test_preserve_colors_alias_sets_luminance(pics, capsys):
+    assert stylize(pics, "--preserve-colors") == 0
+    assert read_metadata(pics.out)["options"]["preserve_color"] == "luminance"
+    capsys.readouterr()
+    assert run("info", pics.out) == 0
+    out = capsys.readouterr().out
+    assert "preserve_color: luminance" in [line.strip() for line in out.splitlines()]
+    assert "--preserve-color luminance" in out
+
+
+# --- side by side ------------------------------------------------------------------------------
+
+
+def test_side_by_side_sheet(pics):
+    sheet = pics.dir / "sheet.png"
+    assert stylize(pics, "--side-by-side", sheet) == 0
+    width, height = size_of(sheet)
+    assert height == 256
+    # content 64x48, style 40x40 and result 48x36, each scaled to 256 high
+    scaled = [round(64 * 256 / 48), 256, round(48 * 256 / 36)]
+    assert sum(scaled) <= width <= sum(scaled) + 40
+    arr = pixels(sheet).astype(np.float64) / 255
+    content_panel = arr[:, : scaled[0] - 2].reshape(-1, 3).mean(0)
+    style_panel = arr[:, width // 2 - 100 : width // 2 + 100].reshape(-1, 3).mean(0)
+    assert np.allclose(content_panel, CONTENT_RGB, atol=0.08), content_panel
+    assert np.allclose(style_panel, STYLE_RGB, atol=0.08), style_panel
+    assert size_of(pics.out) == (48, 36)
+
+
+# --- state, resume -----------------------------------------------------------------------------
+
+
+def test_resume_continues_exactly_where_the_state_was_saved(pics, capsys):
+    a, b, c = pics.dir / "a.png", pics.dir / "b.png", pics.dir / "c.png"
+    state = pics.dir / "state"
+    assert stylize(pics, "--iterations", "8", output=a) == 0
+    assert stylize(pics, "--iterations", "4", "--state", state, "--state-every", "4", output=b) == 0
+    assert (state / "state.pt").is_file()
+    assert not np.array_equal(pixels(a), pixels(b))  # 4 iterations are not 8
+
+    ck = pics.dir / "ck"
+    code = stylize(pics, "--iterations", "8", "--resume", state, "--checkpoint-iterations", "1",
+                   "--checkpoint-output", ck / "ck_%s.png", output=c)
+    assert code == 0
+    # it went on from iteration 4 (a fresh 8-iteration run would also write ck_1 .. ck_4)
+    assert sorted(p.name for p in ck.iterdir()) == ["ck_5.png", "ck_6.png", "ck_7.png", "ck_8.png"]
+    assert read_metadata(c)["iterations"] == 8
+    assert np.array_equal(pixels(c), pixels(a))
+
+    capsys.readouterr()
+    d = pics.dir / "d.png"
+    assert stylize(pics, "--iterations", "8", "--resume", state, "--style-weight", "20", output=d) == 2
+    line = the_error(capsys.readouterr().err)
+    assert "--style-weight" in line and "20.0" in line and "10.0" in line
+    assert not d.exists()
+
+
+# --- Ctrl-C ------------------------------------------------------------------------------------
+
+
+def test_ctrl_c_keeps_the_best_image_and_the_state(pics):
+    ck = pics.dir / "ck"
+    args = [sys.executable, "-m", "impasto.cli", "stylize", pics.content, pics.style, "-o", pics.out, *FAST,
+            "--size", "64", "--iterations", "100000", "--checkpoint-iterations", "1",
+            "--checkpoint-output", ck / "ck_%s.png"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+    proc = subprocess.Popen([str(a) for a in args], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True)
+    try:
+        deadline = time.monotonic() + 120
+        while not (ck.is_dir() and any(ck.glob("ck_*.png"))):
+            assert proc.poll() is None, proc.communicate()[1]
+            assert time.monotonic() < deadline, "no checkpoint within 120 s"
+            time.sleep(0.1)
+        proc.send_signal(signal.SIGINT)
+        _, err = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()
+    assert proc.returncode == 130, err
+    assert "Traceback" not in err
+    assert "--resume" in err
+    state = Path(f"{pics.out}.state") / "state.pt"
+    assert state.is_file()
+    assert str(state.parent) in err
+    with Image.open(pics.out) as im:
+        im.verify()
+    assert size_of(pics.out) == (64, 48)
+    meta = read_metadata(pics.out)
+    done = meta["iterations"]
+    assert meta["options"]["iterations"] == 100000 and 1 <= done < 100000
+    assert no_part_files(pics.dir) == []
+
+    # the state it left is usable: two more iterations from where it stopped
+    more = pics.dir / "more.png"
+    code = stylize(pics, "--size", "64", "--iterations", str(done + 2), "--resume", state.parent, output=more)
+    assert code == 0
+    assert read_metadata(more)["iterations"] == done + 2
+
+
+# --- known bugs --------------------------------------------------------------------------------
+
+
+@pytest.mark.filterwarnings("default")
+@pytest.mark.xfail(strict=True, reason="optimize.py evaluate(): float(loss) / float(v) on tensors that require grad "
+                                       "make torch warn 'Converting a tensor with requires_grad=True to a scalar', "
+                                       "printed as 'impasto: warning:' on every run")
+def test_a_quiet_run_prints_nothing_but_the_random_weights_warning(pics, capsys):
+    before = torch.is_warn_always_enabled()
+    torch.set_warn_always(True)  # torch warns once per process; make it independent of earlier tests
+    try:
+        assert stylize(pics, "--iterations", "2") == 0
+    finally:
+        torch.set_warn_always(before)
+    err = capsys.readouterr().err
+    assert [line for line in err.splitlines() if not line.startswith(RANDOM_WARNING)] == []
