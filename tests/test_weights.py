@@ -598,13 +598,8 @@ def test_matconvnet_reads_conv_layers_biases_and_mean_pixel(tmp_path, where):
     assert net(torch.rand(1, 3, 16, 16))["relu1_2"].shape == (1, 64, 16, 16)
 
 
-# The three tests below describe the real MatConvNet convention (see the module docstring).
-# src/impasto/nets/weights.py currently reads filters as (W, H, in, out) and the input as BGR,
-# so they fail; strict xfail turns them red as soon as the loader is fixed, to drop the marker.
-LAYOUT_BUG = ("weights.py _read_matconvnet: MatConvNet filters are (H, W, in, out); "
-              "should be kernel.transpose(3, 2, 0, 1)")
-RGB_BUG = ("weights.py _matconvnet_normalization: MatConvNet VGG models take RGB input "
-           "minus the RGB averageImage, not BGR")
+# The tests below pin the real MatConvNet convention (see the module docstring):
+# filters are (H, W, in, out) and the input is RGB * 255 minus the RGB averageImage.
 
 
 def test_matconvnet_file_is_the_same_function_as_its_torchvision_source(tmp_path):
