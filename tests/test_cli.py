@@ -388,13 +388,10 @@ def test_ctrl_c_keeps_the_best_image_and_the_state(pics):
     assert read_metadata(more)["iterations"] == done + 2
 
 
-# --- known bugs --------------------------------------------------------------------------------
+# --- stray warnings ------------------------------------------------------------------------------
 
 
 @pytest.mark.filterwarnings("default")
-@pytest.mark.xfail(strict=True, reason="optimize.py evaluate(): float(loss) / float(v) on tensors that require grad "
-                                       "make torch warn 'Converting a tensor with requires_grad=True to a scalar', "
-                                       "printed as 'impasto: warning:' on every run")
 def test_a_quiet_run_prints_nothing_but_the_random_weights_warning(pics, capsys):
     before = torch.is_warn_always_enabled()
     torch.set_warn_always(True)  # torch warns once per process; make it independent of earlier tests
@@ -403,4 +400,5 @@ def test_a_quiet_run_prints_nothing_but_the_random_weights_warning(pics, capsys)
     finally:
         torch.set_warn_always(before)
     err = capsys.readouterr().err
+    # e.g. torch's "Converting a tensor with requires_grad=True to a scalar" from float(loss) in the loop
     assert [line for line in err.splitlines() if not line.startswith(RANDOM_WARNING)] == []
