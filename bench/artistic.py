@@ -88,9 +88,11 @@ class ContentLoss(nn.Module):
         self.energy = self.target.pow(2).sum().clamp_min(1e-8)
         self.weight = weight
         self.loss = torch.zeros(())
+        self.active = False  # off while the model is built: the style image may differ in size
 
     def forward(self, input: torch.Tensor) -> torch.Tensor:
-        self.loss = F.mse_loss(input, self.target, reduction="sum") / self.energy
+        if self.active:
+            self.loss = F.mse_loss(input, self.target, reduction="sum") / self.energy
         return input
 
 
@@ -103,8 +105,11 @@ class StyleLoss(nn.Module):
         self.energy = self.target.pow(2).sum().clamp_min(1e-8)
         self.weight = weight
         self.loss = torch.zeros(())
+        self.active = False
 
     def forward(self, input: torch.Tensor) -> torch.Tensor:
+        if not self.active:
+            return input
         g = ref_gram_matrix(input)
         self.loss = F.mse_loss(g, self.target, reduction="sum") / self.energy
         return input
@@ -175,6 +180,8 @@ def get_style_model_and_losses(cnn: nn.Sequential, style_img: torch.Tensor, cont
         if isinstance(model[i], (ContentLoss, StyleLoss)):
             break
     model = model[: (i + 1)]
+    for loss in (*content_losses, *style_losses):
+        loss.active = True
     return model, style_losses, content_losses
 
 
