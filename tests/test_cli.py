@@ -147,8 +147,10 @@ BAD_INPUT = {
         [p.content, p.style, p.style2, p.style3], ["--style-blend-weights", "1,2"],
         ["--style-blend-weights has 2 values but there are 3 style images"]),
     "unknown content layer": lambda p: ([p.content, p.style], ["--content-layers", "relu9_9"], ["relu9_9"]),
-    "unknown output extension": lambda p: (
-        [p.content, p.style], ["-o", p.out_dir / "result.xyz"], ["unknown image format", "result.xyz"]),
+    "unknown output extension": lambda p: (  # refused before the run: no checkpoint gets written
+        [p.content, p.style],
+        ["-o", p.out_dir / "result.xyz", "--checkpoint-iterations", "1", "--checkpoint-output", p.out_dir / "c%s.png"],
+        ["unknown image format", "result.xyz"]),
     "weights of the wrong shapes": _wrong_shapes,
     "weights file that is text": _text_weights,
     "missing weights file": lambda p: (
@@ -402,3 +404,24 @@ def test_a_quiet_run_prints_nothing_but_the_random_weights_warning(pics, capsys)
     err = capsys.readouterr().err
     # e.g. torch's "Converting a tensor with requires_grad=True to a scalar" from float(loss) in the loop
     assert [line for line in err.splitlines() if not line.startswith(RANDOM_WARNING)] == []
+
+
+# --- checked before any work ----------------------------------------------------------------------------------
+
+
+def test_checkpoint_pattern_with_unknown_extension_is_refused_before_the_run(pics, capsys):
+    state = pics.dir / "state"
+    code = stylize(pics, "--checkpoint-iterations", "3", "--checkpoint-output", pics.out_dir / "ck_%s.xyz",
+                   "--state", state, "--state-every", "1")
+    line = the_error(capsys.readouterr().err)
+    assert code == 2
+    assert "unknown image format" in line and "xyz" in line
+    assert not state.exists()  # nothing ran: no state saved after iterations 1 and 2
+
+
+def test_side_by_side_equal_to_output_is_refused(pics, capsys):
+    code = stylize(pics, "--side-by-side", pics.out)
+    err = capsys.readouterr().err
+    assert code == 2
+    the_error(err)
+    assert list(pics.out_dir.iterdir()) == []

@@ -17,7 +17,7 @@ import torch
 from . import images
 from .errors import ImpastoError
 from .losses import PerceptualLoss, StyleTarget, gram_matrix, normalized
-from .nets import VGGFeatures, load_vgg
+from .nets import VGG_LAYER_NAMES, VGGFeatures, load_vgg
 from .optimize import OptimizerSettings, Result, Step, optimize
 
 DEFAULT_STYLE_LAYERS = ("relu1_1", "relu2_1", "relu3_1", "relu4_1", "relu5_1")
@@ -95,6 +95,11 @@ class StylizeOptions:
             raise ImpastoError(f"unknown --preserve-color {self.preserve_color!r}; choose none, luminance or histogram")
         if not self.style_layers and not self.content_layers:
             raise ImpastoError("no content or style layers given")
+        if self.model not in VGG_LAYER_NAMES:
+            raise ImpastoError(f"unknown --model {self.model!r}; choose vgg19 or vgg16")
+        for layer in [*self.content_layers, *self.style_layers]:
+            if layer not in VGG_LAYER_NAMES[self.model]:
+                raise ImpastoError(f"{self.model} has no layer {layer!r}; layers are named like conv4_2, relu5_1")
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

@@ -131,8 +131,8 @@ RESUMABLE_CHANGES = {"iterations", "scale_iterations", "device"}
 
 
 def run_stylize(args: argparse.Namespace) -> int:
-    from .artistic import stylize_tensors
-    from .checkpoints import Checkpointer, check_pattern, load_state, save_state
+    from .artistic import finite_or_none, stylize_tensors
+    from .checkpoints import Checkpointer, check_pattern, checkpoint_path, load_state, save_state
     from .files import refuse_overwriting_inputs
     from .progress import ProgressBar
 
@@ -141,13 +141,16 @@ def run_stylize(args: argparse.Namespace) -> int:
     for extra in (args.output, args.side_by_side):
         if extra:
             refuse_overwriting_inputs(extra, inputs)
-            images._format_for(extra)
+            images.check_output_format(extra)
+    if args.side_by_side:
+        refuse_overwriting_inputs(args.side_by_side, [args.output])
     if args.checkpoint_output:
         check_pattern(args.checkpoint_output)
+        images.check_output_format(checkpoint_path(args.checkpoint_output, 1))
     resume = None
     if args.resume:
         resume, saved = load_state(args.resume)
-        _check_resume(saved.get("options", {}), opts.to_dict(), args.resume)
+        _check_resume(saved, {"content": args.content, "styles": list(args.styles), **opts.to_dict()}, args.resume)
     opts.check(len(args.styles))
     content = images.load_image(args.content)
     styles = [images.load_image(s) for s in args.styles]
@@ -160,7 +163,7 @@ def run_stylize(args: argparse.Namespace) -> int:
         result = stylize_tensors(content, styles, opts, callbacks, resume)
     finally:
         bar.close()
-    meta.update(loss=result.loss, iterations=result.iterations)
+    meta.update(loss=finite_or_none(result.loss), iterations=result.iterations)
     images.save_image(result.image, args.output, meta)
     if args.side_by_side:
         sheet = images.side_by_side([content, *styles, result.image])
@@ -178,10 +181,11 @@ def run_stylize(args: argparse.Namespace) -> int:
     return 0
 
 
-def _check_resume(saved: dict[str, Any], now: dict[str, Any], directory: str) -> None:
+def _check_resume(meta: dict[str, Any], now: dict[str, Any], directory: str) -> None:
+    saved = {"content": meta.get("content"), "styles": meta.get("styles"), **meta.get("options", {})}
     for key, value in saved.items():
         if key not in RESUMABLE_CHANGES and now.get(key) != value:
-            flag = "--" + key.replace("_", "-")
+            flag = key if key in ("content", "styles") else "--" + key.replace("_", "-")
             raise ImpastoError(f"{flag} is {now.get(key)!r} but the run saved in {directory} used {value!r}")
 
 
@@ -243,7 +247,7 @@ def _show_warning(message: Any, category: Any, filename: str, lineno: int, file:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    warnings.showwarning = _show_warning
+    previous, warnings.showwarning = warnings.showwarning, _show_warning
     try:
         return int(args.run(args))
     except ImpastoError as e:
@@ -255,6 +259,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     except MemoryError:
         print(f"{PROG}: error: out of memory; use a smaller --size", file=sys.stderr)
         return 1
+    finally:
+        warnings.showwarning = previous
 
 
 if __name__ == "__main__":

@@ -152,7 +152,7 @@ def save_image(
 ) -> Path:
     """Write an image atomically; PNG files carry `metadata` as JSON in a text chunk."""
     pil = image if isinstance(image, Image.Image) else tensor_to_pil(image)
-    fmt = _format_for(path)
+    fmt = check_output_format(path)
 
     def write(tmp: Path) -> None:
         kwargs: dict[str, Any] = {}
@@ -172,7 +172,8 @@ def save_image(
     return atomic_write(path, write)
 
 
-def _format_for(path: str | os.PathLike[str]) -> str:
+def check_output_format(path: str | os.PathLike[str]) -> str:
+    """The PIL format for an output path, or a clear error before any work is done."""
     ext = Path(path).suffix.lower()
     formats = Image.registered_extensions()
     if ext not in formats:
