@@ -213,7 +213,7 @@ def run_reference(model: nn.Module, style_losses: list[StyleLoss], content_losse
         if optimizer == "adam":
             with torch.no_grad():
                 input_img.clamp_(0, 1)
-        on_step(float(loss))
+        on_step(float(loss.detach()))
     return input_img.detach()
 
 
@@ -257,17 +257,6 @@ def options(size: int, iterations: int, optimizer: str, **kw: Any) -> StylizeOpt
 
 # --- measurements ------------------------------------------------------------------------------------
 
-def per_iteration(stamps: list[float], warmup: int, block: int) -> list[float]:
-    """Seconds per iteration of each block of `block` iterations after `warmup` ones (stamps[k - 1] is the
-    time at the end of iteration k)."""
-    out = []
-    start = max(warmup, 1)
-    while start + block <= len(stamps):
-        out.append((stamps[start + block - 1] - stamps[start - 1]) / block)
-        start += block
-    return out
-
-
 def time_impasto(net: VGGFeatures, content: torch.Tensor, style: torch.Tensor, size: int, optimizer: str,
                  n: int) -> tuple[list[float], list[float]]:
     """Timestamps after each iteration and the loss of each iteration, through stylize_tensors."""
@@ -297,6 +286,15 @@ def time_reference(cnn: nn.Sequential, content: torch.Tensor, style: torch.Tenso
     input_img = c.unsqueeze(0).clone()
     run_reference(model, style_losses, content_losses, input_img, optimizer, n, on_step)
     return stamps, losses
+
+
+TOOLS = ("impasto", "reference")
+
+
+def run_tool(tool: str, net: VGGFeatures, cnn: nn.Sequential, content: torch.Tensor, style: torch.Tensor, size: int,
+             optimizer: str, n: int) -> tuple[list[float], list[float]]:
+    fn = time_impasto if tool == "impasto" else time_reference
+    return fn(net if tool == "impasto" else cnn, content, style, size, optimizer, n)  # type: ignore[arg-type]
 
 
 def time_targets(net: VGGFeatures, cnn: nn.Sequential, content: torch.Tensor, style: torch.Tensor, size: int,
@@ -381,6 +379,16 @@ def maxrss_bytes() -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # KiB on Linux
 
 
+def reset_peak() -> bool:
+    """Reset the kernel's peak-RSS mark (Linux >= 4.0), so ru_maxrss measures from here on."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return True
+    except OSError:
+        return False
+
+
 def worker_memory(spec: dict) -> dict:
     """Build the targets and run a few iterations of one configuration; report peak RSS."""
     content, style, _ = load_inputs(spec["content"], spec["style"])
@@ -391,6 +399,7 @@ def worker_memory(spec: dict) -> dict:
         del net
         net = None  # the reference holds only its own copy of the weights
     gc.collect()
+    reset = reset_peak()
     base_rss, base_max = rss_bytes(), maxrss_bytes()
     if spec["tool"] == "impasto":
         stylize_tensors(content, [style], options(spec["size"], spec["iterations"], spec["optimizer"]), net=net)
@@ -398,7 +407,8 @@ def worker_memory(spec: dict) -> dict:
         assert cnn is not None
         time_reference(cnn, content, style, spec["size"], spec["optimizer"], spec["iterations"])
     peak = maxrss_bytes()
-    return {"baseline_rss": base_rss, "baseline_maxrss": base_max, "peak": peak, "delta": peak - base_rss}
+    return {"baseline_rss": base_rss, "baseline_maxrss": base_max, "peak": peak, "delta": peak - base_rss,
+            "peak_reset": reset}
 
 
 def worker_eval(spec: dict) -> dict:
@@ -526,8 +536,8 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--sizes", default="256,512", help="longer sides to time, comma-separated")
     p.add_argument("--optimizers", default="lbfgs,adam")
-    p.add_argument("--iterations", type=int, default=3, help="iterations per timed repeat")
-    p.add_argument("--repeats", type=int, default=5, help="timed repeats (the median is reported)")
+    p.add_argument("--iterations", type=int, default=3, help="timed iterations per run (after the warm-up)")
+    p.add_argument("--repeats", type=int, default=5, help="runs of each tool, alternating (the median is reported)")
     p.add_argument("--warmup", type=int, default=2, help="warm-up iterations before timing")
     p.add_argument("--target-repeats", type=int, default=3)
     p.add_argument("--mem-iterations", type=int, default=3, help="iterations run when measuring peak memory")
@@ -537,10 +547,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--scales", default="128,256,512", help="the multi-scale run's scales")
     p.add_argument("--scale-iterations", default="200,100,300",
                    help="its iterations per scale (the last is a cap: it stops at the single-scale loss)")
-    p.add_argument("--experiments", default="base,channels_last,no_mkldnn,mallopt,mallopt+channels_last",
+    p.add_argument("--experiments", default="base,channels_last,no_mkldnn,threads1,mallopt,mallopt+channels_last",
                    help="variants of impasto's objective to time in subprocesses ('' to skip)")
     p.add_argument("--experiment-size", type=int, default=512)
-    p.add_argument("--skip", default="", help="comma-separated parts to skip: speed,targets,memory,flops,scales")
+    p.add_argument("--experiment-rounds", type=int, default=3)
+    p.add_argument("--agree-iterations", type=int, default=20, help="iterations of the loss-agreement runs")
+    p.add_argument("--skip", default="",
+                   help="comma-separated parts to skip: speed,agreement,targets,memory,flops,scales")
     p.add_argument("--quick", action="store_true", help="small sizes and few iterations: a few minutes")
     p.add_argument("--content", default=None)
     p.add_argument("--style", default=None)
@@ -558,13 +571,15 @@ def main(argv: list[str] | None = None) -> int:
 
     if args.quick:
         args.sizes, args.iterations, args.repeats, args.warmup = "128,256", 2, 3, 1
+        args.agree_iterations, args.experiment_rounds = 8, 1
         args.target_repeats, args.mem_iterations, args.conv_repeats = 1, 2, 3
         args.scale_size, args.single_iterations, args.scales, args.scale_iterations = 256, 60, "64,128,256", "60,30,60"
         args.experiments, args.experiment_size = "base,channels_last", 256
     sizes = [int(s) for s in args.sizes.split(",")]
     optimizers = args.optimizers.split(",")
     skip = set(filter(None, args.skip.split(",")))
-    n_iter = args.warmup + args.repeats * args.iterations
+    args.warmup = max(1, args.warmup)
+    n_iter = args.warmup + args.iterations
     report: dict[str, Any] = {"args": vars(args)}
 
     info = machine()
@@ -575,47 +590,60 @@ def main(argv: list[str] | None = None) -> int:
           f"threads {info['threads']}, mkldnn {info['mkldnn']}, python {info['python']}")
     print(f"load average before: {' '.join(f'{x:.2f}' for x in load_before)}")
     print(f"images: {source}; weights: random He-initialized VGG19 (timings do not depend on weight values)")
-    print(f"per-iteration timing: {args.warmup} warm-up iterations, then the median of {args.repeats} repeats "
-          f"of {args.iterations} iterations\n")
+    print(f"per-iteration timing: runs of {args.warmup} warm-up + {args.iterations} timed iterations, "
+          f"{args.repeats} runs of each tool alternating; the median is reported\n")
 
     net = make_net(args.seed)
     cnn = build_reference(net)
     t_start = time.perf_counter()
 
-    # 1 + 4: seconds per iteration and loss agreement
+    # 1: seconds per iteration, in alternating rounds so that both see the same (shared machine's) load
     speed: dict[str, dict] = {}
     if "speed" not in skip:
         for size in sizes:
             for opt in optimizers:
-                s_imp, l_imp = time_impasto(net, content, style, size, opt, n_iter)
-                gc.collect()
-                s_ref, l_ref = time_reference(cnn, content, style, size, opt, n_iter)
-                gc.collect()
-                pi, pr = per_iteration(s_imp, args.warmup, args.iterations), per_iteration(s_ref, args.warmup,
-                                                                                         args.iterations)
+                samples: dict[str, list[float]] = {"impasto": [], "reference": []}
+                for r in range(args.repeats):
+                    for tool in TOOLS if r % 2 == 0 else TOOLS[::-1]:
+                        stamps, _ = run_tool(tool, net, cnn, content, style, size, opt, n_iter)
+                        samples[tool].append((stamps[-1] - stamps[args.warmup - 1]) / args.iterations)
+                        gc.collect()
                 key = f"{size}/{opt}"
-                speed[key] = {"impasto": statistics.median(pi), "reference": statistics.median(pr),
-                              "impasto_repeats": pi, "reference_repeats": pr, "losses_impasto": l_imp,
-                              "losses_reference": l_ref}
-                print(f"  {key}: impasto {statistics.median(pi):.3f} s/it, reference {statistics.median(pr):.3f} "
+                speed[key] = {t: statistics.median(v) for t, v in samples.items()}
+                speed[key].update({f"{t}_min": min(v) for t, v in samples.items()})
+                speed[key].update({f"{t}_samples": v for t, v in samples.items()})
+                print(f"  {key}: impasto {speed[key]['impasto']:.3f} s/it, reference {speed[key]['reference']:.3f} "
                       f"s/it", flush=True)
         rows = []
         for key, v in speed.items():
             rows.append([key, fmt_s(v["impasto"]), fmt_s(v["reference"]), f"{v['reference'] / v['impasto']:.2f}x",
-                         f"{min(v['impasto_repeats']):.3f}-{max(v['impasto_repeats']):.3f}",
-                         f"{min(v['reference_repeats']):.3f}-{max(v['reference_repeats']):.3f}"])
-        print("\n1. Seconds per iteration (median; the range of the repeats after it)")
-        print(table(["size/optimizer", "impasto", "reference", "ref/impasto", "impasto range", "ref range"], rows))
+                         fmt_s(v["impasto_min"]), fmt_s(v["reference_min"]),
+                         f"{v['reference_min'] / v['impasto_min']:.2f}x"])
+        print(f"\n1. Seconds per iteration (median of {args.repeats} alternating runs; min of them after)")
+        print(table(["size/optimizer", "impasto", "reference", "ref/impasto", "impasto min", "ref min",
+                     "ref/impasto (min)"], rows))
+    report["speed"] = speed
+
+    # 4: loss agreement from the same start
+    agreement: dict[str, dict] = {}
+    if "agreement" not in skip and args.agree_iterations > 0:
+        for size in sizes:
+            for opt in optimizers:
+                _, li = run_tool("impasto", net, cnn, content, style, size, opt, args.agree_iterations)
+                _, lr = run_tool("reference", net, cnn, content, style, size, opt, args.agree_iterations)
+                agreement[f"{size}/{opt}"] = {"impasto": li, "reference": lr}
+                gc.collect()
         rows = []
-        for key, v in speed.items():
-            li, lr = v["losses_impasto"], v["losses_reference"]
-            rows.append([key, f"{li[0]:.6g}", f"{lr[0]:.6g}", f"{rel(li[0], lr[0]):.1e}", len(li), f"{li[-1]:.6g}",
-                         f"{lr[-1]:.6g}", f"{rel(li[-1], lr[-1]):.1e}",
-                         f"{max(rel(a, b) for a, b in zip(li, lr, strict=True)):.1e}"])
-        print("\n4. Loss agreement from the same start (first evaluation; after N iterations; worst over all)")
+        for key, v in agreement.items():
+            li, lr = v["impasto"], v["reference"]
+            v["first_rel"], v["last_rel"] = rel(li[0], lr[0]), rel(li[-1], lr[-1])
+            v["worst_rel"] = max(rel(a, b) for a, b in zip(li, lr, strict=True))
+            rows.append([key, f"{li[0]:.7g}", f"{lr[0]:.7g}", f"{v['first_rel']:.1e}", len(li), f"{li[-1]:.7g}",
+                         f"{lr[-1]:.7g}", f"{v['last_rel']:.1e}", f"{v['worst_rel']:.1e}"])
+        print("\n4. Loss agreement from the same start (first evaluation; after N iterations; worst iteration)")
         print(table(["size/optimizer", "impasto 1st", "ref 1st", "rel diff", "N", "impasto N", "ref N", "rel diff",
                      "worst"], rows))
-    report["speed"] = speed
+    report["agreement"] = agreement
 
     # 2: building the targets
     targets: dict[int, tuple[float, float]] = {}
@@ -662,31 +690,38 @@ def main(argv: list[str] | None = None) -> int:
             row = [size, f"{fi / 1e9:.1f}", f"{fr / 1e9:.1f}", f"{lb:.3f}"]
             if f"{size}/lbfgs" in speed:
                 v = speed[f"{size}/lbfgs"]
-                entry.update(impasto_ratio=v["impasto"] / lb, reference_ratio=v["reference"] / lb)
-                row += [f"{v['impasto'] / lb:.2f}x", f"{v['reference'] / lb:.2f}x"]
+                entry.update(impasto_ratio=v["impasto"] / lb, reference_ratio=v["reference"] / lb,
+                             impasto_min_ratio=v["impasto_min"] / lb, reference_min_ratio=v["reference_min"] / lb)
+                row += [f"{v['impasto'] / lb:.2f}x", f"{v['reference'] / lb:.2f}x",
+                        f"{v['impasto_min'] / lb:.2f}x", f"{v['reference_min'] / lb:.2f}x"]
             else:
-                row += ["-", "-"]
+                row += ["-"] * 4
             bound[str(size)] = entry
             rows.append(row)
         print(f"   lower bound = FLOPs of one evaluation / best rate ({best / 1e9:.1f} GFLOP/s)")
-        print(table(["size", "GFLOP impasto", "GFLOP ref", "bound s/it", "impasto/bound (L-BFGS)",
-                     "ref/bound (L-BFGS)"], rows))
+        print(table(["size", "GFLOP impasto", "GFLOP ref", "bound s/it", "impasto/bound", "ref/bound",
+                     "impasto min/bound", "ref min/bound"], rows))
+        print("   (ratios use the L-BFGS seconds per iteration of table 1, median and min)")
         bound["rates"] = rates
         bound["best_rate"] = best
     report["bound"] = bound
 
-    # speed experiments on impasto's modules (no source changes), each in a fresh subprocess
+    # speed experiments on impasto's modules (no source changes), each in a fresh subprocess, in rounds
     experiments: dict[str, dict] = {}
     variants = [v for v in args.experiments.split(",") if v]
     if variants:
-        for variant in variants:
-            spec = {"variant": variant, "size": args.experiment_size, "seed": args.seed, "warmup": 1, "repeats": 5,
-                    "content": args.content, "style": args.style}
-            experiments[variant] = in_subprocess("eval", spec)
+        runs: dict[str, list[float]] = {v: [] for v in variants}
+        for r in range(args.experiment_rounds):
+            for variant in variants if r % 2 == 0 else variants[::-1]:
+                spec = {"variant": variant, "size": args.experiment_size, "seed": args.seed, "warmup": 1,
+                        "repeats": 3, "content": args.content, "style": args.style}
+                runs[variant].append(in_subprocess("eval", spec)["median"])
+        experiments = {k: {"median": statistics.median(v), "min": min(v), "runs": v} for k, v in runs.items()}
         base = experiments.get("base", next(iter(experiments.values())))["median"]
         print(f"\nSpeed experiments: one objective evaluation (forward + backward) of impasto's modules at "
-              f"{args.experiment_size} px, median of 5, fresh process each")
-        print(table(["variant", "s/eval", "min", "vs base"],
+              f"{args.experiment_size} px; each run a fresh process (median of 3 evaluations); median and min "
+              f"over {args.experiment_rounds} alternating rounds")
+        print(table(["variant", "s/eval", "min", "base/variant"],
                     [[k, f"{v['median']:.3f}", f"{v['min']:.3f}", f"{base / v['median']:.2f}x"]
                      for k, v in experiments.items()]))
     report["experiments"] = experiments

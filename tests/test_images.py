@@ -117,6 +117,16 @@ def test_grayscale_becomes_three_equal_channels(tmp_path):
     np.testing.assert_allclose(t[0].numpy(), arr / 255, atol=1e-6)
 
 
+def test_sixteen_bit_image_keeps_its_brightness(tmp_path):
+    arr = np.linspace(0, 32767, 64).reshape(8, 8).astype(np.uint16)  # black to 50% grey
+    path = tmp_path / "g16.png"
+    Image.fromarray(arr).save(path)
+    with Image.open(path) as check:
+        assert check.mode.startswith("I")
+    t = images.load_image(path)
+    np.testing.assert_allclose(t[0].numpy(), arr / 65535, atol=1 / 255)
+
+
 # --- saving and metadata -------------------------------------------------------------------------
 
 
@@ -197,6 +207,17 @@ def test_tensor_to_pil_clamps_and_rounds():
     assert arr[0, 0].tolist() == [0, 255, 128]
     assert arr[0, 1].tolist() == [1, 255, 0]
     assert np.array_equal(np.asarray(images.tensor_to_pil(t.unsqueeze(0))), arr)
+
+
+def test_side_by_side_layout():
+    a = torch.zeros(3, 10, 20)  # scaled to 5 x 10
+    b = torch.full((3, 20, 10), 0.5)  # scaled to height 5: width 2.5, rounded
+    sheet = images.side_by_side([a, b], height=5, gap=3)
+    width_b = max(1, round(10 * 5 / 20))
+    assert sheet.shape == (3, 5, 10 + 3 + width_b)
+    assert torch.equal(sheet[:, :, :10], torch.zeros(3, 5, 10))
+    assert torch.equal(sheet[:, :, 10:13], torch.ones(3, 5, 3))  # white gap
+    assert torch.allclose(sheet[:, :, 13:], torch.full((3, 5, width_b), 0.5), atol=1e-6)
 
 
 # --- sizes ---------------------------------------------------------------------------------------

@@ -202,6 +202,20 @@ def test_optimize_resume_equals_uninterrupted(name):
     assert torch.equal(full.image, resumed.image) and full.loss == resumed.loss
 
 
+@pytest.mark.parametrize("name", ["lbfgs", "adam"])
+def test_ctrl_c_in_objective_then_resume_equals_uninterrupted(name):
+    f = quartic_bowl()
+    start = torch.rand(1, 3, 2, 2, dtype=torch.float64, generator=torch.Generator().manual_seed(4))
+    settings = OptimizerSettings(name, lr=1.0 if name == "lbfgs" else 0.05, history=4)
+    full = optimize(start, Recorder(f), 9, settings)
+    stopped = optimize(start, Recorder(f, interrupt_at=6), 9, settings)
+    assert stopped.interrupted and stopped.iterations == 5
+    resumed = optimize(start, Recorder(f), 9, settings, resume=_roundtrip(stopped.state))
+    assert not resumed.interrupted and resumed.iterations == 9
+    assert torch.equal(full.state["image"], resumed.state["image"])
+    assert torch.equal(full.image, resumed.image) and full.loss == resumed.loss
+
+
 def _roundtrip(state: dict) -> dict:
     import io
 

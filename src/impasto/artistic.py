@@ -81,12 +81,15 @@ class StylizeOptions:
         _same_length("--style-scales", self.style_scales, n_styles, "style images")
         _same_length("--content-layer-weights", self.content_layer_weights, len(self.content_layers), "content layers")
         _same_length("--style-layer-weights", self.style_layer_weights, len(self.style_layers), "style layers")
-        for name in ("style_blend_weights", "style_scales", "scales", "scale_iterations"):
+        for name in ("style_scales", "scales", "scale_iterations"):
             values = getattr(self, name) or []
             if any(not v > 0 for v in values):
                 raise ImpastoError(f"--{name.replace('_', '-')} must all be positive")
-        if self.style_blend_weights is not None and sum(self.style_blend_weights) <= 0:
-            raise ImpastoError("--style-blend-weights must not all be zero")
+        if self.style_blend_weights is not None:
+            if any(not v >= 0 for v in self.style_blend_weights):
+                raise ImpastoError("--style-blend-weights must not be negative")
+            if sum(self.style_blend_weights) <= 0:
+                raise ImpastoError("--style-blend-weights must not all be zero")
         if self.scale_iterations is not None:
             _same_length("--scale-iterations", self.scale_iterations, len(self.scales or []), "scales")
         if self.optimizer not in DEFAULT_LR:
@@ -223,6 +226,8 @@ def build_loss(
         content_targets = {k: feats[k].float().clone() for k in opts.content_layers}
         targets = []
         for style, weight in zip(styles, blend, strict=True):
+            if weight == 0:
+                continue
             sf = net(style.unsqueeze(0))
             targets.append(StyleTarget({k: gram_matrix(sf[k].float()) for k in opts.style_layers}, weight))
     return PerceptualLoss(

@@ -51,8 +51,8 @@ def _to_rgb(im: Image.Image) -> Image.Image:
         background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
         return Image.alpha_composite(background, rgba).convert("RGB")
     if im.mode in ("I;16", "I;16B", "I;16L", "I"):
-        arr = np.asarray(im, dtype=np.float64)
-        arr = arr / max(arr.max(), 1.0) * 255.0
+        arr = np.asarray(im, dtype=np.float64)  # 16-bit samples (PNG "I" images hold them too)
+        arr = np.clip(arr / 65535.0, 0, 1) * 255.0
         return Image.fromarray(arr.astype(np.uint8)).convert("RGB")
     return im.convert("RGB")
 
