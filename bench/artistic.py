@@ -376,6 +376,12 @@ def rss_bytes() -> int:
 
 
 def maxrss_bytes() -> int:
+    """Peak RSS of this process: VmHWM, which /proc/self/clear_refs resets. ru_maxrss would do, but after a
+    fork + exec it starts at the parent's peak (the kernel carries it over), so it is only the fallback."""
+    with contextlib.suppress(OSError), open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # KiB on Linux
 
 

@@ -179,7 +179,7 @@ def test_multiscale_output_size_and_progress(net, make_scene, make_texture):
     seen = []
 
     def record(p):
-        seen.append((p.scale, p.scales, p.offset, p.step.iteration, p.step.total, tuple(p.step.image.shape)))
+        seen.append((p.stage, p.stages, p.offset, p.step.iteration, p.step.total, tuple(p.step.image.shape)))
 
     opts = small_opts(size=None, scales=[32, 64], scale_iterations=[3, 2])
     result = stylize_tensors(content, [style], opts, [record], net=net)
@@ -192,14 +192,14 @@ def test_multiscale_output_size_and_progress(net, make_scene, make_texture):
         (1, 2, 3, 1, 2, (1, 3, 48, 64)),
         (1, 2, 3, 2, 2, (1, 3, 48, 64)),
     ]
-    assert result.state["scale"] == 1
+    assert result.state["stage"] == 1
 
 
 def test_multiscale_default_iterations_per_scale(net, make_scene, make_texture):
     content = make_scene(32, 24, seed=1)  # portrait
     seen = []
     opts = small_opts(size=None, scales=[16, 32], iterations=2)
-    result = stylize_tensors(content, [make_texture(RED, 32, 32)], opts, [lambda p: seen.append((p.scale, p.offset))],
+    result = stylize_tensors(content, [make_texture(RED, 32, 32)], opts, [lambda p: seen.append((p.stage, p.offset))],
                              net=net)
     assert result.image.shape == (3, 32, 24)
     assert seen == [(0, 0), (0, 0), (1, 2), (1, 2)]
@@ -266,14 +266,14 @@ def test_resume_equals_uninterrupted_run(net, make_scene, make_texture, optimize
     full_log: list[tuple[int, int, float]] = []
 
     def take(p):
-        full_log.append((p.scale, p.offset + p.step.iteration, p.step.loss))
-        if (p.scale, p.step.iteration) == snapshot_at:
+        full_log.append((p.stage, p.offset + p.step.iteration, p.step.loss))
+        if (p.stage, p.step.iteration) == snapshot_at:
             snapshot["state"] = _serialize(p.state())  # now: the state references live optimizer tensors
 
     full = stylize_tensors(content, [style], small_opts(optimizer=optimizer, **sizing), [take], net=net)
     resumed_log: list[tuple[int, int, float]] = []
     resumed = stylize_tensors(content, [style], small_opts(optimizer=optimizer, **sizing),
-                              [lambda p: resumed_log.append((p.scale, p.offset + p.step.iteration, p.step.loss))],
+                              [lambda p: resumed_log.append((p.stage, p.offset + p.step.iteration, p.step.loss))],
                               resume=_deserialize(snapshot["state"]), net=net)
     assert torch.equal(full.image, resumed.image)
     assert full.loss == resumed.loss
@@ -290,7 +290,7 @@ def test_resume_after_ctrl_c_equals_uninterrupted_run(net, make_scene, make_text
     full = stylize_tensors(content, [style], small_opts(**sizing), net=net)
 
     def ctrl_c(p):
-        if p.scale == 0 and p.step.iteration == 3:
+        if p.stage == 0 and p.step.iteration == 3:
             raise KeyboardInterrupt
 
     stopped = stylize_tensors(content, [style], small_opts(**sizing), [ctrl_c], net=net)

@@ -18,12 +18,11 @@ from . import images
 from .errors import ImpastoError
 from .losses import PerceptualLoss, StyleTarget, gram_matrix, normalized
 from .nets import VGG_LAYER_NAMES, VGGFeatures, load_vgg
-from .optimize import OptimizerSettings, Result, Step, optimize
+from .optimize import Objective, OptimizerSettings, Outcome, Progress, Stage, run_stages
 
 DEFAULT_STYLE_LAYERS = ("relu1_1", "relu2_1", "relu3_1", "relu4_1", "relu5_1")
 DEFAULT_CONTENT_LAYERS = ("relu4_2",)
 DEFAULT_LR = {"lbfgs": 1.0, "adam": 0.02}
-STATE_VERSION = 1
 
 
 @dataclass
@@ -111,26 +110,6 @@ class StylizeOptions:
 def _same_length(flag: str, values: Sequence[Any] | None, n: int, what: str) -> None:
     if values is not None and len(values) != n:
         raise ImpastoError(f"{flag} has {len(values)} values but there are {n} {what}")
-
-
-@dataclass
-class Progress:
-    """One iteration of one scale, as reported to callbacks."""
-
-    step: Step
-    scale: int  # index of the current scale
-    scales: int
-    offset: int  # iterations done in earlier scales
-    state: Callable[[], dict]  # the resumable state after this iteration
-
-
-@dataclass
-class Stylized:
-    image: torch.Tensor  # (3, H, W) in [0, 1]
-    loss: float
-    iterations: int
-    interrupted: bool
-    state: dict
 
 
 def resolve_device(name: str) -> torch.device:
@@ -264,7 +243,7 @@ def stylize_tensors(
     callbacks: Sequence[Callable[[Progress], None]] = (),
     resume: dict | None = None,
     net: VGGFeatures | None = None,
-) -> Stylized:
+) -> Outcome:
     """Stylize a (3, H, W) content image with one or more (3, h, w) style images."""
     opts = opts or StylizeOptions()
     if not styles:
@@ -287,54 +266,36 @@ def stylize_tensors(
     autocast = _autocast(device, opts.amp)
     settings = OptimizerSettings(opts.optimizer, opts.learning_rate or DEFAULT_LR[opts.optimizer],
                                  (opts.beta1, opts.beta2), opts.epsilon, opts.lbfgs_history)
-    first = 0 if resume is None else int(resume["scale"])
-    x = initial_image(content, opts, sizes[0]) if resume is None else resume["loop"]["image"][0].cpu()
-    result: Result | None = None
-    total_iterations = 0 if resume is None else sum(iterations[:first])
-    for index in range(first, len(sizes)):
-        hw = sizes[index]
-        x = images.resize(x, hw) if tuple(x.shape[-2:]) != hw else x
-        scaled_styles = [images.resize(s, images.size_for_width(s.shape[-2], s.shape[-1], max(1, round(hw[1] * k))))
-                         for s, k in zip(styles, style_scales, strict=True)]
-        for s in scaled_styles:
-            _check_min_size(net, tuple(s.shape[-2:]), "a style image")  # type: ignore[arg-type]
-        loss = build_loss(net, images.resize(content, hw).to(device), [s.to(device) for s in scaled_styles],
-                          opts, autocast)
-        objective = _objective(net, loss, autocast)
-        loop_resume = resume["loop"] if resume is not None and index == first else None
-        report = _reporter(callbacks, index, len(sizes), sum(iterations[:index]))
-        result = optimize(x.unsqueeze(0).to(device), objective, iterations[index], settings, report, loop_resume)
-        total_iterations += result.iterations
-        x = result.image[0].detach().cpu()
-        if result.interrupted:
-            break
-    assert result is not None
-    out = x.clamp(0, 1)
+
+    def objective_at(hw: tuple[int, int]) -> Callable[[], Objective]:
+        def build() -> Objective:
+            scaled = [images.resize(s, images.size_for_width(s.shape[-2], s.shape[-1], max(1, round(hw[1] * k))))
+                      for s, k in zip(styles, style_scales, strict=True)]
+            for s in scaled:
+                _check_min_size(net, (s.shape[-2], s.shape[-1]), "a style image")
+            loss = build_loss(net, images.resize(content, hw).to(device), [s.to(device) for s in scaled], opts,
+                              autocast)
+            return network_objective(net, loss, autocast)
+        return build
+
+    stages = [Stage(hw, n, objective_at(hw), f"scale {i + 1}/{len(sizes)}" if len(sizes) > 1 else "")
+              for i, (hw, n) in enumerate(zip(sizes, iterations, strict=True))]
+    start = initial_image(content, opts, sizes[0]) if resume is None else content
+    outcome = run_stages(start, stages, settings, callbacks, resume, device)
+    out = outcome.image.clamp(0, 1)
     if opts.preserve_color == "luminance":
         out = images.transfer_luminance(out, content)
-    state = {"version": STATE_VERSION, "scale": index, "loop": result.state}
-    return Stylized(out, result.loss, total_iterations, result.interrupted, state)
+    return Outcome(out, outcome.loss, outcome.iterations, outcome.interrupted, outcome.state)
 
 
-def _objective(net: VGGFeatures, loss: PerceptualLoss, autocast: Callable[[], Any]):
+def network_objective(net: VGGFeatures, loss: PerceptualLoss, autocast: Callable[[], Any]) -> Objective:
+    """The image's loss: run the network (under autocast if enabled) and evaluate `loss` on its features."""
     def objective(x: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         with autocast():
             feats = net(x)
         return loss(x, feats)
 
     return objective
-
-
-def _reporter(callbacks: Sequence[Callable[[Progress], None]], scale: int, scales: int, offset: int):
-    def report(step: Step, loop_state: Callable[[], dict]) -> None:
-        def state() -> dict:
-            return {"version": STATE_VERSION, "scale": scale, "loop": loop_state()}
-
-        progress = Progress(step, scale, scales, offset, state)
-        for cb in callbacks:
-            cb(progress)
-
-    return report
 
 
 def _autocast(device: torch.device, amp: bool) -> Callable[[], Any]:

@@ -57,7 +57,7 @@ def check_pattern(pattern: str) -> None:
 class Checkpointer:
     """Every `every` iterations: save the current image to `pattern` and/or the state to `state_dir`.
 
-    Images are numbered by the total count of iterations over all scales.
+    Images are numbered by the total count of iterations over all stages.
     """
 
     def __init__(self, pattern: str | None, every: int, state_dir: str | None, state_every: int,

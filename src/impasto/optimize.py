@@ -7,12 +7,13 @@ whole state (image, optimizer, best iterate) is a plain dict of tensors that can
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 import torch
 
 from .errors import ImpastoError
+from .images import resize
 
 Objective = Callable[[torch.Tensor], tuple[torch.Tensor, dict[str, torch.Tensor]]]
 
@@ -128,3 +129,78 @@ def _final_evaluation(x: torch.Tensor, objective: Objective, last: dict[str, flo
     with torch.no_grad():
         loss, _ = objective(x)
     last["total"] = float(loss)
+
+
+@dataclass
+class Stage:
+    """One optimization at one size. Artistic scales and photorealistic passes are stages; each
+    stage starts from the previous stage's best image, resized to `size`."""
+
+    size: tuple[int, int]
+    iterations: int
+    objective: Callable[[], Objective]  # builds the stage's targets when the stage starts
+    name: str = ""
+
+
+@dataclass
+class Progress:
+    """One iteration of one stage, as reported to callbacks (progress bar, checkpoints, tests)."""
+
+    step: Step
+    stage: int  # index of the current stage
+    stages: int
+    offset: int  # iterations done in earlier stages
+    name: str
+    state: Callable[[], dict]  # the resumable state after this iteration
+
+
+@dataclass
+class Outcome:
+    image: torch.Tensor  # (3, H, W), the best iterate of the last stage run
+    loss: float
+    iterations: int  # over all stages
+    interrupted: bool
+    state: dict  # resumable: {"stage": index, "loop": the loop's state}
+
+
+def run_stages(
+    start: torch.Tensor,
+    stages: Sequence[Stage],
+    settings: OptimizerSettings,
+    callbacks: Sequence[Callable[[Progress], None]] = (),
+    resume: dict | None = None,
+    device: torch.device | str = "cpu",
+    clamp: bool = True,
+) -> Outcome:
+    """Optimize through `stages` in order from the (3, H, W) image `start`, or from a saved state."""
+    first = 0 if resume is None else int(resume["stage"])
+    x = start if resume is None else resume["loop"]["image"][0].cpu()
+    done_before = sum(s.iterations for s in stages[:first])
+    result: Result | None = None
+    index = first
+    for index in range(first, len(stages)):
+        stage = stages[index]
+        if tuple(x.shape[-2:]) != tuple(stage.size):
+            x = resize(x, stage.size)
+        report = _reporter(callbacks, index, stages, done_before)
+        loop_resume = resume["loop"] if resume is not None and index == first else None
+        result = optimize(x[None].to(device), stage.objective(), stage.iterations, settings, report, loop_resume,
+                          clamp)
+        x = result.image[0].detach().cpu()
+        if result.interrupted:
+            done_before += result.iterations
+            break
+        done_before += stage.iterations
+    if result is None:
+        raise ImpastoError("nothing to optimize: no stages")
+    return Outcome(x, result.loss, done_before, result.interrupted, {"stage": index, "loop": result.state})
+
+
+def _reporter(callbacks: Sequence[Callable[[Progress], None]], index: int, stages: Sequence[Stage], offset: int):
+    def report(step: Step, loop_state: Callable[[], dict]) -> None:
+        progress = Progress(step, index, len(stages), offset, stages[index].name,
+                            lambda: {"stage": index, "loop": loop_state()})
+        for callback in callbacks:
+            callback(progress)
+
+    return report

@@ -9,21 +9,21 @@ from tqdm import tqdm
 
 
 class ProgressBar:
-    """A callback that shows iterations of each scale as a bar; `print_every` adds a log line."""
+    """A callback that shows the iterations of each stage as a bar; `print_every` adds a log line."""
 
     def __init__(self, quiet: bool = False, print_every: int = 0) -> None:
         self.quiet, self.print_every = quiet, print_every
         self._bar: tqdm | None = None
-        self._scale = -1
+        self._stage = -1
 
     def __call__(self, progress: Any) -> None:
         if self.quiet:
             return
         step = progress.step
-        if progress.scale != self._scale or self._bar is None:
+        if progress.stage != self._stage or self._bar is None:
             self.close()
-            self._scale = progress.scale
-            label = f"scale {progress.scale + 1}/{progress.scales} " if progress.scales > 1 else ""
+            self._stage = progress.stage
+            label = f"{progress.name} " if progress.name else ""
             h, w = step.image.shape[-2:]
             self._bar = tqdm(total=step.total, initial=step.iteration - 1, unit="it", file=sys.stderr,
                              desc=f"{label}{w}x{h}", dynamic_ncols=True, smoothing=0.1)
