@@ -196,9 +196,14 @@ def _check_min_size(net: VGGFeatures, hw: tuple[int, int], what: str) -> None:
 
 def build_loss(
     net: VGGFeatures, content: torch.Tensor, styles: Sequence[torch.Tensor], opts: StylizeOptions,
-    autocast: Callable[[], Any],
+    autocast: Callable[[], Any], regions: Sequence[tuple[torch.Tensor, torch.Tensor]] | None = None,
 ) -> PerceptualLoss:
-    """Content features and style Gram matrices, computed once under inference mode."""
+    """Content features and style Gram matrices, computed once under inference mode.
+
+    With `regions` — (content mask, style mask) pairs of float (H, W) masks, one pair per semantic
+    class, for a single style image — the style term is computed per class, each class weighted by
+    its share of the content's area (so one all-covering class equals the unmasked loss).
+    """
     blend = normalized(opts.style_blend_weights or [1.0] * len(styles))
     with torch.inference_mode(), autocast():
         feats = net(content.unsqueeze(0))
@@ -208,7 +213,10 @@ def build_loss(
             if weight == 0:
                 continue
             sf = net(style.unsqueeze(0))
-            targets.append(StyleTarget({k: gram_matrix(sf[k].float()) for k in opts.style_layers}, weight))
+            if regions is None:
+                targets.append(StyleTarget({k: gram_matrix(sf[k].float()) for k in opts.style_layers}, weight))
+            else:
+                targets += _region_targets(sf, feats, regions, opts.style_layers, weight)
     return PerceptualLoss(
         content_targets=content_targets,
         content_layer_weights=layer_weights(opts.content_layers, opts.content_layer_weights),
@@ -219,6 +227,24 @@ def build_loss(
         tv_weight=opts.tv_weight,
         tv_power=opts.tv_power,
     )
+
+
+def _region_targets(style_feats: dict[str, torch.Tensor], content_feats: dict[str, torch.Tensor],
+                    regions: Sequence[tuple[torch.Tensor, torch.Tensor]], layers: Sequence[str],
+                    weight: float) -> list[StyleTarget]:
+    """One masked StyleTarget per class, with each mask brought to each layer's resolution."""
+    def at(mask: torch.Tensor, feature: torch.Tensor) -> torch.Tensor:
+        hw = (feature.shape[-2], feature.shape[-1])
+        mode = "area" if hw[0] <= mask.shape[-2] else "bilinear"
+        return torch.nn.functional.interpolate(mask[None, None].float().to(feature.device), size=hw, mode=mode)
+
+    shares = normalized([float(c.float().mean()) for c, _ in regions])
+    targets = []
+    for (content_mask, style_mask), share in zip(regions, shares, strict=True):
+        masks = {k: at(content_mask, content_feats[k]) for k in layers}
+        grams = {k: gram_matrix(style_feats[k].float(), at(style_mask, style_feats[k])) for k in layers}
+        targets.append(StyleTarget(grams, weight * share, masks))
+    return targets
 
 
 def initial_image(content: torch.Tensor, opts: StylizeOptions, hw: tuple[int, int]) -> torch.Tensor:

@@ -71,6 +71,7 @@ class StyleTarget:
 
     grams: dict[str, torch.Tensor]
     weight: float = 1.0
+    masks: dict[str, torch.Tensor] | None = None  # per layer (1, 1, h, w): the region of the output it styles
 
 
 @dataclass
@@ -104,10 +105,18 @@ class PerceptualLoss:
                     for k, w in self.content_layer_weights.items())
             terms["content"] = self.content_weight * c  # type: ignore[assignment]
         if self.style_weight and self.styles:
-            grams = {k: gram_matrix(features[k].float()) for k in self.style_layer_weights}
-            s = sum(t.weight * w * style_loss(grams[k], t.grams[k])
-                    for t in self.styles for k, w in self.style_layer_weights.items())
-            terms["style"] = self.style_weight * s  # type: ignore[assignment]
+            plain: dict[str, torch.Tensor] = {}
+            s = torch.zeros((), device=image.device)
+            for t in self.styles:
+                for k, w in self.style_layer_weights.items():
+                    if t.masks is not None:
+                        gram = gram_matrix(features[k].float(), t.masks[k])
+                    else:
+                        if k not in plain:
+                            plain[k] = gram_matrix(features[k].float())
+                        gram = plain[k]
+                    s = s + t.weight * w * style_loss(gram, t.grams[k])
+            terms["style"] = self.style_weight * s
         if self.tv_weight:
             terms["tv"] = self.tv_weight * tv_loss(image, self.tv_power)
         total = sum(terms.values(), torch.zeros((), device=image.device))
