@@ -217,6 +217,8 @@ def build_loss(
                 targets.append(StyleTarget({k: gram_matrix(sf[k].float()) for k in opts.style_layers}, weight))
             else:
                 targets += _region_targets(sf, feats, regions, opts.style_layers, weight)
+    for t in targets:  # masks multiply the optimized features, so autograd must be able to save them
+        t.masks = None if t.masks is None else {k: m.clone() for k, m in t.masks.items()}
     return PerceptualLoss(
         content_targets=content_targets,
         content_layer_weights=layer_weights(opts.content_layers, opts.content_layer_weights),
@@ -262,6 +264,17 @@ def initial_image(content: torch.Tensor, opts: StylizeOptions, hw: tuple[int, in
     return start
 
 
+def loss_network(opts: StylizeOptions, device: torch.device) -> VGGFeatures:
+    """The VGG of `opts`, with its weights, cut after the deepest layer the losses use."""
+    return load_vgg(opts.model, [*opts.content_layers, *opts.style_layers], opts.pooling, opts.weights,
+                    opts.weights_format, device)
+
+
+def optimizer_settings(opts: StylizeOptions) -> OptimizerSettings:
+    return OptimizerSettings(opts.optimizer, opts.learning_rate or DEFAULT_LR[opts.optimizer],
+                             (opts.beta1, opts.beta2), opts.epsilon, opts.lbfgs_history)
+
+
 def stylize_tensors(
     content: torch.Tensor,
     styles: Sequence[torch.Tensor],
@@ -277,10 +290,7 @@ def stylize_tensors(
     opts.check(len(styles))
     device = resolve_device(opts.device)
     torch.manual_seed(opts.seed)
-    if net is None:
-        net = load_vgg(opts.model, [*opts.content_layers, *opts.style_layers], opts.pooling,
-                       opts.weights, opts.weights_format, device)
-    net = net.to(device)
+    net = (net or loss_network(opts, device)).to(device)
     sizes = output_sizes(tuple(content.shape[-2:]), opts)  # type: ignore[arg-type]
     iterations = opts.scale_iterations or [opts.iterations] * len(sizes)
     style_scales = opts.style_scales or [1.0] * len(styles)
@@ -290,8 +300,7 @@ def stylize_tensors(
         _check_min_size(net, hw, "the output")
         _check_memory(net, hw, opts, device)
     autocast = _autocast(device, opts.amp)
-    settings = OptimizerSettings(opts.optimizer, opts.learning_rate or DEFAULT_LR[opts.optimizer],
-                                 (opts.beta1, opts.beta2), opts.epsilon, opts.lbfgs_history)
+    settings = optimizer_settings(opts)
 
     def objective_at(hw: tuple[int, int]) -> Callable[[], Objective]:
         def build() -> Objective:
