@@ -11,6 +11,7 @@ import json
 import sys
 import warnings
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any, NoReturn
 
 from . import __version__, images
@@ -60,15 +61,60 @@ def add_stylize(sub: Any) -> None:
     p.add_argument("content", help="content image")
     p.add_argument("styles", nargs="+", metavar="style", help="one or more style images")
     p.add_argument("-o", "--output", required=True, help="output image (.png keeps the run's parameters)")
-    g = p.add_argument_group("size and iterations")
-    g.add_argument("--iterations", type=_positive_int, default=d.iterations, help="iterations per scale (%(default)s)")
-    g.add_argument("--size", type=_positive_int, default=d.size, help="longer side of the output in pixels (%(default)s)")
-    g.add_argument("--width", type=_positive_int, help="output width in pixels, aspect kept (overrides --size)")
+    g = _size_group(p, d, "scale")
     g.add_argument("--scales", type=_list_of(int), help="coarse-to-fine longer sides, e.g. 256,512,1024; the last is the output size")
     g.add_argument("--scale-iterations", type=_list_of(int), help="iterations at each scale, e.g. 300,150,50")
     g = p.add_argument_group("styles")
     g.add_argument("--style-blend-weights", type=_list_of(float), nargs="+", help="weight of each style (normalized to sum 1)")
     g.add_argument("--style-scales", type=_list_of(float), nargs="+", help="each style's width relative to the content's (1.0)")
+    g = _loss_group(p, d)
+    g.add_argument("--preserve-color", choices=["none", "luminance", "histogram"], default=d.preserve_color,
+                   help="keep the content's colours (Gatys et al. 2016) (%(default)s)")
+    g.add_argument("--preserve-colors", dest="preserve_color", action="store_const", const="luminance",
+                   help="same as --preserve-color luminance (neural_style.py)")
+    _common_groups(p, d)
+    p.set_defaults(run=run_stylize)
+
+
+def add_photo(sub: Any) -> None:
+    from .photo import PhotoOptions
+
+    d = PhotoOptions()
+    p = sub.add_parser("photo", help="photorealistic style transfer (Luan et al., Deep Photo Style Transfer)",
+                       description="Give CONTENT the look of the STYLE photo (colour, tone, light) while keeping it a photograph.")
+    p.add_argument("content", help="photo whose look is to be changed")
+    p.add_argument("style", help="reference photo whose look is wanted")
+    p.add_argument("-o", "--output", required=True, help="output image (.png keeps the run's parameters)")
+    g = _size_group(p, d, "pass")
+    g.add_argument("--style-scale", dest="style_scales", type=_list_of(float), help="the style photo's width relative to the content's (1.0)")
+    g.add_argument("--no-full-resolution", dest="full_resolution", action="store_false",
+                   help="write the result at --size instead of the content's full size")
+    g = p.add_argument_group("semantic masks")
+    g.add_argument("--content-mask", help="colour-coded segmentation of the content (palette of Luan et al. or any shared colours)")
+    g.add_argument("--style-mask", help="colour-coded segmentation of the style photo, same colours as --content-mask")
+    g.add_argument("--auto-masks", type=int, default=d.auto_masks, metavar="K",
+                   help="with no masks: segment both photos into K regions and pair them by colour and position")
+    g = _loss_group(p, d)
+    g.add_argument("--affine-weight", type=float, default=d.affine_weight,
+                   help="weight of the matting-Laplacian photorealism term (%(default)s)")
+    g.add_argument("--no-two-pass", dest="two_pass", action="store_false",
+                   help="one pass with the regularizer instead of a first pass without it")
+    g.add_argument("--no-smooth", dest="smooth", action="store_false", help="skip the local-affine smoothing post-process")
+    g.add_argument("--smooth-radius", type=_positive_int, default=d.smooth_radius, help="window radius of the smoothing (%(default)s)")
+    g.add_argument("--smooth-eps", type=float, default=d.smooth_eps, help="regularization of the smoothing (%(default)s)")
+    _common_groups(p, d)
+    p.set_defaults(run=run_photo)
+
+
+def _size_group(p: argparse.ArgumentParser, d: Any, unit: str) -> Any:
+    g = p.add_argument_group("size and iterations")
+    g.add_argument("--iterations", type=_positive_int, default=d.iterations, help=f"iterations per {unit} (%(default)s)")
+    g.add_argument("--size", type=_positive_int, default=d.size, help="longer side of the optimized image in pixels (%(default)s)")
+    g.add_argument("--width", type=_positive_int, help="width of the optimized image in pixels, aspect kept (overrides --size)")
+    return g
+
+
+def _loss_group(p: argparse.ArgumentParser, d: Any) -> Any:
     g = p.add_argument_group("loss")
     g.add_argument("--content-weight", type=float, default=d.content_weight, help="(%(default)s)")
     g.add_argument("--style-weight", type=float, default=d.style_weight, help="(%(default)s)")
@@ -82,10 +128,10 @@ def add_stylize(sub: Any) -> None:
     g.add_argument("--style-layer-weights", type=_list_of(float), help="weight per style layer (equal by default)")
     g.add_argument("--style-layer-weight-exp", type=float, default=d.style_layer_weight_exp,
                    help="layer i gets exp**i before normalization, as in neural_style.py (%(default)s)")
-    g.add_argument("--preserve-color", choices=["none", "luminance", "histogram"], default=d.preserve_color,
-                   help="keep the content's colours (Gatys et al. 2016) (%(default)s)")
-    g.add_argument("--preserve-colors", dest="preserve_color", action="store_const", const="luminance",
-                   help="same as --preserve-color luminance (neural_style.py)")
+    return g
+
+
+def _common_groups(p: argparse.ArgumentParser, d: Any) -> None:
     g = p.add_argument_group("optimizer")
     g.add_argument("--optimizer", choices=["lbfgs", "adam"], default=d.optimizer)
     g.add_argument("--learning-rate", "--lr", type=float, help="step size (1.0 for L-BFGS, 0.02 for Adam)")
@@ -114,16 +160,19 @@ def add_stylize(sub: Any) -> None:
     g.add_argument("--state", metavar="DIR", help="save resumable state in DIR every --state-every iterations")
     g.add_argument("--state-every", type=_positive_int, default=50, help="(%(default)s)")
     g.add_argument("--resume", metavar="DIR", help="continue the run whose state is in DIR")
-    p.set_defaults(run=run_stylize)
 
 
-def options_from_args(args: argparse.Namespace) -> Any:
+def options_from_args(args: argparse.Namespace, kind: type | None = None) -> Any:
+    """The engine's options dataclass filled from the parsed arguments."""
     from .artistic import StylizeOptions
 
-    values = {f.name: getattr(args, f.name) for f in dataclasses.fields(StylizeOptions) if hasattr(args, f.name)}
-    values["style_blend_weights"] = _flatten(args.style_blend_weights)
-    values["style_scales"] = _flatten(args.style_scales)
-    return StylizeOptions(**values)
+    kind = kind or StylizeOptions
+    values = {f.name: getattr(args, f.name) for f in dataclasses.fields(kind) if hasattr(args, f.name)}
+    for name in ("style_blend_weights", "style_scales"):
+        value = values.get(name)
+        if value and isinstance(value[0], list):
+            values[name] = _flatten(value)
+    return kind(**values)
 
 
 # Options that may differ between an interrupted run and its resumption.
@@ -131,43 +180,78 @@ RESUMABLE_CHANGES = {"iterations", "scale_iterations", "device"}
 
 
 def run_stylize(args: argparse.Namespace) -> int:
-    from .artistic import finite_or_none, stylize_tensors
+    from .artistic import stylize_tensors
+
+    opts = options_from_args(args)
+    opts.check(len(args.styles))
+
+    def engine(callbacks: list[Any], resume: dict | None) -> Any:
+        content = images.load_image(args.content)
+        styles = [images.load_image(s) for s in args.styles]
+        return [content, *styles], stylize_tensors(content, styles, opts, callbacks, resume)
+
+    return _run(args, "stylize", opts, [args.content, *args.styles], engine)
+
+
+def run_photo(args: argparse.Namespace) -> int:
+    from .photo import PhotoOptions, photo_transfer
+
+    opts = options_from_args(args, PhotoOptions)
+    opts.check(1)
+    if (args.content_mask is None) != (args.style_mask is None):
+        raise ImpastoError("give both --content-mask and --style-mask, or neither")
+    masks = [m for m in (args.content_mask, args.style_mask) if m]
+
+    def engine(callbacks: list[Any], resume: dict | None) -> Any:
+        content, style = images.load_image(args.content), images.load_image(args.style)
+        content_mask, style_mask = (images.load_image(m) for m in masks) if masks else (None, None)
+        return [content, style], photo_transfer(content, style, opts, content_mask, style_mask, callbacks, resume)
+
+    extra = {"content_mask": args.content_mask, "style_mask": args.style_mask} if masks else {}
+    return _run(args, "photo", opts, [args.content, args.style, *masks], engine, extra)
+
+
+def _run(args: argparse.Namespace, command: str, opts: Any, inputs: list[str], engine: Any,
+         extra: dict[str, Any] | None = None) -> int:
+    """What every optimization command shares: checks before any work, progress, checkpoints, state,
+    resume, atomic output with metadata, the side-by-side sheet, and Ctrl-C."""
+    from .artistic import finite_or_none
     from .checkpoints import Checkpointer, check_pattern, checkpoint_path, load_state, save_state
     from .files import refuse_overwriting_inputs
     from .progress import ProgressBar
 
-    opts = options_from_args(args)
-    inputs = [args.content, *args.styles] + ([opts.init] if opts.init not in ("content", "noise") else [])
-    for extra in (args.output, args.side_by_side):
-        if extra:
-            refuse_overwriting_inputs(extra, inputs)
-            images.check_output_format(extra)
+    inputs = inputs + ([opts.init] if opts.init not in ("content", "noise") else [])
+    for path in inputs:
+        if not Path(path).exists():
+            raise ImpastoError(f"image not found: {path}")
+    for written in (args.output, args.side_by_side):
+        if written:
+            refuse_overwriting_inputs(written, inputs)
+            images.check_output_format(written)
     if args.side_by_side:
         refuse_overwriting_inputs(args.side_by_side, [args.output])
     if args.checkpoint_output:
         check_pattern(args.checkpoint_output)
         images.check_output_format(checkpoint_path(args.checkpoint_output, 1))
+    styles = list(args.styles) if command == "stylize" else [args.style]
+    meta = {"impasto": __version__, "command": command, "content": args.content, "styles": styles,
+            **(extra or {}), "options": opts.to_dict()}
     resume = None
     if args.resume:
         resume, saved = load_state(args.resume)
-        _check_resume(saved, {"content": args.content, "styles": list(args.styles), **opts.to_dict()}, args.resume)
-    opts.check(len(args.styles))
-    content = images.load_image(args.content)
-    styles = [images.load_image(s) for s in args.styles]
-    meta = {"impasto": __version__, "command": "stylize", "content": args.content, "styles": list(args.styles),
-            "options": opts.to_dict()}
+        _check_resume(saved, {"content": args.content, "styles": styles, **(extra or {}), **opts.to_dict()},
+                      args.resume)
     state_dir = args.state or args.resume
     bar = ProgressBar(args.quiet, args.print_iterations)
     callbacks: list[Any] = [bar, Checkpointer(args.checkpoint_output, args.checkpoint_iterations, state_dir, args.state_every, meta)]
     try:
-        result = stylize_tensors(content, styles, opts, callbacks, resume)
+        shown, result = engine(callbacks, resume)
     finally:
         bar.close()
     meta.update(loss=finite_or_none(result.loss), iterations=result.iterations)
     images.save_image(result.image, args.output, meta)
     if args.side_by_side:
-        sheet = images.side_by_side([content, *styles, result.image])
-        images.save_image(sheet, args.side_by_side)
+        images.save_image(images.side_by_side([*shown, result.image]), args.side_by_side)
     if result.interrupted:
         target = state_dir or f"{args.output}.state"
         save_state(target, result.state, meta)
@@ -182,10 +266,13 @@ def run_stylize(args: argparse.Namespace) -> int:
 
 
 def _check_resume(meta: dict[str, Any], now: dict[str, Any], directory: str) -> None:
-    saved = {"content": meta.get("content"), "styles": meta.get("styles"), **meta.get("options", {})}
+    saved = {k: v for k, v in meta.items() if k in ("content", "styles", "content_mask", "style_mask")}
+    saved.update(meta.get("options", {}))
     for key, value in saved.items():
         if key not in RESUMABLE_CHANGES and now.get(key) != value:
             flag = key if key in ("content", "styles") else "--" + key.replace("_", "-")
+            if key not in now:
+                raise ImpastoError(f"the run saved in {directory} used {flag} {value!r}; give it again to resume")
             raise ImpastoError(f"{flag} is {now.get(key)!r} but the run saved in {directory} used {value!r}")
 
 
@@ -208,25 +295,32 @@ def run_info(args: argparse.Namespace) -> int:
             print(f"{key}: {value}")
     for key, value in sorted(meta.get("options", {}).items()):
         print(f"  {key}: {value}")
-    if meta.get("command") == "stylize":
+    if meta.get("command") in ("stylize", "photo"):
         print("reproduce: " + reproduce_command(meta))
     return 0
 
 
 def reproduce_command(meta: dict[str, Any]) -> str:
-    """A command line that reruns a stylize run from its stored parameters (non-default options only)."""
+    """A command line that reruns a run from its stored parameters (non-default options only)."""
     import shlex
 
     from .artistic import StylizeOptions
+    from .photo import PhotoOptions
 
-    defaults = StylizeOptions().to_dict()
-    words = ["impasto", "stylize", meta["content"], *meta["styles"], "-o", "OUT.png"]
+    command = meta.get("command", "stylize")
+    defaults = (PhotoOptions if command == "photo" else StylizeOptions)().to_dict()
+    words = ["impasto", command, meta["content"], *meta["styles"], "-o", "OUT.png"]
+    for key in ("content_mask", "style_mask"):
+        if meta.get(key):
+            words += ["--" + key.replace("_", "-"), meta[key]]
     for key, value in meta.get("options", {}).items():
         if value == defaults.get(key) or value is None:
             continue
         flag = "--" + key.replace("_", "-")
+        if command == "photo" and key == "style_scales":
+            flag = "--style-scale"
         if isinstance(value, bool):
-            words += [flag] if value else []
+            words += [flag] if value else [f"--no-{key.replace('_', '-')}"]
         else:
             words += [flag, ",".join(map(str, value)) if isinstance(value, list) else str(value)]
     return " ".join(shlex.quote(w) for w in words)
@@ -237,6 +331,7 @@ def build_parser() -> Parser:
     parser.add_argument("--version", action="version", version=f"{PROG} {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=Parser)
     add_stylize(sub)
+    add_photo(sub)
     add_info(sub)
     return parser
 
