@@ -40,7 +40,7 @@ class PhotoOptions(StylizeOptions):
     style_layers: list[str] = field(default_factory=lambda: list(PHOTO_STYLE_LAYERS))
     style_weight: float = 10.0
     tv_weight: float = 0.0
-    affine_weight: float = 1000.0  # weight of the matting-Laplacian term (second pass)
+    affine_weight: float = 1e4  # weight of the matting-Laplacian term (second pass)
     auto_masks: int = 0  # segment both photos into K regions when no masks are given
     two_pass: bool = True  # first pass without the regularizer, second from it with
     smooth: bool = True  # local-affine smoothing post-process
