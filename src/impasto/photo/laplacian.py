@@ -8,6 +8,8 @@ function of the content's colours, i.e. when it stays a photograph of the same s
 
 from __future__ import annotations
 
+import warnings
+
 import numpy as np
 import scipy.sparse
 import torch
@@ -62,9 +64,13 @@ def to_torch_sparse(matrix: scipy.sparse.spmatrix, device: torch.device | str = 
                     dtype: torch.dtype = torch.float32) -> torch.Tensor:
     """A scipy sparse matrix as a torch CSR tensor (for products on the optimization's device)."""
     csr = matrix.tocsr()
-    return torch.sparse_csr_tensor(torch.from_numpy(csr.indptr.astype(np.int64)),
-                                   torch.from_numpy(csr.indices.astype(np.int64)),
-                                   torch.from_numpy(csr.data).to(dtype), size=csr.shape, device=device)
+    with warnings.catch_warnings():  # torch calls its CSR support beta; impasto checks the result in its tests
+        for message in ("Sparse CSR tensor support is in beta", "Sparse invariant checks are implicitly disabled"):
+            warnings.filterwarnings("ignore", message=message, category=UserWarning)
+        return torch.sparse_csr_tensor(torch.from_numpy(csr.indptr.astype(np.int64)),
+                                       torch.from_numpy(csr.indices.astype(np.int64)),
+                                       torch.from_numpy(csr.data).to(dtype), size=csr.shape, device=device,
+                                       check_invariants=False)
 
 
 class _QuadraticForm(torch.autograd.Function):

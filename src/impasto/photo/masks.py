@@ -72,7 +72,8 @@ def mask_classes(content_mask: torch.Tensor, style_mask: torch.Tensor) -> list[t
     for mask, where in zip((content_mask, style_mask), unmatched, strict=True):
         for found in _frequent_colours(mask, where, 0.01):
             rgb = (found[0], found[1], found[2])
-            if all(max(abs(a - b) for a, b in zip(rgb, c, strict=True)) > TOLERANCE for _, c in classes):
+            distinct = all(max(abs(a - b) for a, b in zip(rgb, c, strict=True)) > TOLERANCE for _, c in classes)
+            if distinct and _is_region(match_colour(mask, rgb)):
                 classes.append((f"rgb({round(rgb[0] * 255)},{round(rgb[1] * 255)},{round(rgb[2] * 255)})", rgb))
     return classes
 

@@ -11,6 +11,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from ..images import resize
+
 
 def _box(x: torch.Tensor, radius: int) -> torch.Tensor:
     """Mean over (2r+1)^2 windows, shrinking at the borders; x is (..., H, W)."""
@@ -49,10 +51,12 @@ def guided_smooth(guide: torch.Tensor, source: torch.Tensor, radius: int = 2, ep
 def guided_upsample(guide_full: torch.Tensor, result_low: torch.Tensor, radius: int = 2,
                     eps: float = 1e-4) -> torch.Tensor:
     """Bring a low-resolution result to the size of `guide_full` through the local affine model:
-    fit it against the guide at low resolution, upsample the coefficients, apply them at full size."""
+    fit it against the guide at low resolution, upsample the coefficients, apply them at full size.
+    The guide is shrunk with `images.resize`, the same filter that made the image the result was optimized
+    against, so a result that is exactly locally affine in it keeps that model at full size."""
     h, w = result_low.shape[-2:]
-    guide_low = F.interpolate(guide_full[None], size=(h, w), mode="bilinear", antialias=True, align_corners=False)[0]
-    a, b = affine_coefficients(guide_low.clamp(0, 1), result_low, radius, eps)
+    guide_low = resize(guide_full, (h, w))
+    a, b = affine_coefficients(guide_low, result_low, radius, eps)
     size = guide_full.shape[-2:]
     a_full = F.interpolate(a.reshape(1, 9, h, w), size=size, mode="bilinear", align_corners=False).reshape(3, 3, *size)
     b_full = F.interpolate(b[None], size=size, mode="bilinear", align_corners=False)[0]
