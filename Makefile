@@ -29,6 +29,7 @@ demo: $(STAMP)
 
 bench: $(STAMP)
 	$(PY) bench/artistic.py
+	$(PY) bench/photo.py
 
 clean:
 	rm -rf $(VENV) out
