@@ -176,7 +176,7 @@ def available_bytes(device: torch.device) -> int:
         return 1 << 40
 
 
-def _check_memory(net: VGGFeatures, hw: tuple[int, int], opts: StylizeOptions, device: torch.device) -> None:
+def check_memory(net: VGGFeatures, hw: tuple[int, int], opts: StylizeOptions, device: torch.device) -> None:
     need, have = estimate_bytes(net, hw, opts), available_bytes(device)
     if need > 0.8 * have:
         raise ImpastoError(
@@ -186,7 +186,7 @@ def _check_memory(net: VGGFeatures, hw: tuple[int, int], opts: StylizeOptions, d
         )
 
 
-def _check_min_size(net: VGGFeatures, hw: tuple[int, int], what: str) -> None:
+def check_min_size(net: VGGFeatures, hw: tuple[int, int], what: str) -> None:
     if min(hw) < net.downsampling:
         raise ImpastoError(
             f"{what} is {hw[1]}x{hw[0]} pixels at this size; the loss network needs at least "
@@ -297,9 +297,9 @@ def stylize_tensors(
     if opts.preserve_color == "histogram":
         styles = [images.match_color(s, content) for s in styles]
     for hw in sizes:
-        _check_min_size(net, hw, "the output")
-        _check_memory(net, hw, opts, device)
-    autocast = _autocast(device, opts.amp)
+        check_min_size(net, hw, "the output")
+        check_memory(net, hw, opts, device)
+    autocast = autocast_for(device, opts.amp)
     settings = optimizer_settings(opts)
 
     def objective_at(hw: tuple[int, int]) -> Callable[[], Objective]:
@@ -307,7 +307,7 @@ def stylize_tensors(
             scaled = [images.resize(s, images.size_for_width(s.shape[-2], s.shape[-1], max(1, round(hw[1] * k))))
                       for s, k in zip(styles, style_scales, strict=True)]
             for s in scaled:
-                _check_min_size(net, (s.shape[-2], s.shape[-1]), "a style image")
+                check_min_size(net, (s.shape[-2], s.shape[-1]), "a style image")
             loss = build_loss(net, images.resize(content, hw).to(device), [s.to(device) for s in scaled], opts,
                               autocast)
             return network_objective(net, loss, autocast)
@@ -333,7 +333,7 @@ def network_objective(net: VGGFeatures, loss: PerceptualLoss, autocast: Callable
     return objective
 
 
-def _autocast(device: torch.device, amp: bool) -> Callable[[], Any]:
+def autocast_for(device: torch.device, amp: bool) -> Callable[[], Any]:
     """float16 autocast for the network on CUDA when asked; a no-op context otherwise."""
     import contextlib
 

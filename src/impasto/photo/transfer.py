@@ -11,10 +11,10 @@ import torch
 from .. import images
 from ..artistic import (
     StylizeOptions,
-    _autocast,
-    _check_memory,
-    _check_min_size,
+    autocast_for,
     build_loss,
+    check_memory,
+    check_min_size,
     initial_image,
     loss_network,
     network_objective,
@@ -79,16 +79,16 @@ def photo_transfer(
     torch.manual_seed(opts.seed)
     net = loss_network(opts, device)
     hw = output_sizes((content.shape[-2], content.shape[-1]), opts)[0]
-    _check_min_size(net, hw, "the output")
-    _check_memory(net, hw, opts, device)
+    check_min_size(net, hw, "the output")
+    check_memory(net, hw, opts, device)
     small = images.resize(content, hw)
     style_hw = images.size_for_width(style.shape[-2], style.shape[-1],
                                      max(1, round(hw[1] * (opts.style_scales or [1.0])[0])))
     style_small = images.resize(style, style_hw)
-    _check_min_size(net, style_hw, "the style photo")
+    check_min_size(net, style_hw, "the style photo")
     regions = _regions(content, style, content_mask, style_mask, opts)
     scaled = None if regions is None else [(_fit(r.content, hw), _fit(r.style, style_hw)) for r in regions]
-    autocast = _autocast(device, opts.amp)
+    autocast = autocast_for(device, opts.amp)
 
     def base() -> Objective:
         loss = build_loss(net, small.to(device), [style_small.to(device)], opts, autocast, scaled)
