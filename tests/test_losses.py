@@ -228,3 +228,10 @@ def test_tv_loss_positive_for_edge_and_grows_with_contrast():
     assert float(tv_loss(image)) > 0
     # the squared form is quadratic in contrast
     assert float(tv_loss(stronger)) == pytest.approx(4 * float(tv_loss(image)), rel=1e-6)
+
+
+def test_gram_gradient_matches_finite_differences():
+    features = torch.rand(2, 3, 4, 5, dtype=torch.float64, requires_grad=True)
+    mask = torch.rand(2, 1, 4, 5, dtype=torch.float64)
+    assert torch.autograd.gradcheck(lambda f: gram_matrix(f), (features,))
+    assert torch.autograd.gradcheck(lambda f: gram_matrix(f, mask), (features,))
