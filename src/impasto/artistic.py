@@ -6,7 +6,6 @@ the image is optimized coarse to fine over `scales`, each result upsampled as th
 
 from __future__ import annotations
 
-import math
 import os
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
@@ -340,7 +339,3 @@ def autocast_for(device: torch.device, amp: bool) -> Callable[[], Any]:
     if amp and device.type == "cuda":
         return lambda: torch.autocast("cuda", dtype=torch.float16)
     return contextlib.nullcontext
-
-
-def finite_or_none(x: float) -> float | None:
-    return x if math.isfinite(x) else None

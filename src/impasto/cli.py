@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import math
 import sys
 import warnings
 from collections.abc import Sequence
@@ -215,7 +216,6 @@ def _run(args: argparse.Namespace, command: str, opts: Any, inputs: list[str], e
          extra: dict[str, Any] | None = None) -> int:
     """What every optimization command shares: checks before any work, progress, checkpoints, state,
     resume, atomic output with metadata, the side-by-side sheet, and Ctrl-C."""
-    from .artistic import finite_or_none
     from .checkpoints import Checkpointer, check_pattern, checkpoint_path, load_state, save_state
     from .files import refuse_overwriting_inputs
     from .progress import ProgressBar
@@ -248,7 +248,7 @@ def _run(args: argparse.Namespace, command: str, opts: Any, inputs: list[str], e
         shown, result = engine(callbacks, resume)
     finally:
         bar.close()
-    meta.update(loss=finite_or_none(result.loss), iterations=result.iterations)
+    meta.update(loss=result.loss if math.isfinite(result.loss) else None, iterations=result.iterations)
     images.save_image(result.image, args.output, meta)
     if args.side_by_side:
         images.save_image(images.side_by_side([*shown, result.image]), args.side_by_side)
