@@ -396,7 +396,14 @@ def reset_peak() -> bool:
 
 
 def worker_memory(spec: dict) -> dict:
-    """Build the targets and run a few iterations of one configuration; report peak RSS."""
+    """Peak RSS over the RSS once the network is loaded: of building the targets alone, then of a run
+    (targets + iterations). With spec["exact"], glibc serves every buffer of 128 KiB or more with its own
+    mmap and unmaps it when freed, so the RSS follows the live tensors instead of the heap's high-water mark."""
+    if spec.get("exact"):
+        import ctypes
+
+        if not ctypes.CDLL("libc.so.6").mallopt(-3, 128 * 1024):  # M_MMAP_THRESHOLD, fixed (no dynamic raise)
+            raise RuntimeError("mallopt failed")
     content, style, _ = load_inputs(spec["content"], spec["style"])
     net = make_net(spec["seed"])
     cnn = None
@@ -405,16 +412,27 @@ def worker_memory(spec: dict) -> dict:
         del net
         net = None  # the reference holds only its own copy of the weights
     gc.collect()
-    reset = reset_peak()
-    base_rss, base_max = rss_bytes(), maxrss_bytes()
-    if spec["tool"] == "impasto":
-        stylize_tensors(content, [style], options(spec["size"], spec["iterations"], spec["optimizer"]), net=net)
-    else:
-        assert cnn is not None
-        time_reference(cnn, content, style, spec["size"], spec["optimizer"], spec["iterations"])
-    peak = maxrss_bytes()
-    return {"baseline_rss": base_rss, "baseline_maxrss": base_max, "peak": peak, "delta": peak - base_rss,
-            "peak_reset": reset}
+    out: dict[str, Any] = {}
+    for phase in ("targets", "run"):
+        reset = reset_peak()
+        base = rss_bytes()
+        if phase == "targets":
+            c, s = at_size(content, style, spec["size"])
+            if net is not None:
+                kept: Any = build_loss(net, c, [s], options(spec["size"], 1, spec["optimizer"]), contextlib.nullcontext)
+            else:
+                assert cnn is not None
+                kept = get_style_model_and_losses(cnn, s.unsqueeze(0), c.unsqueeze(0), CONTENT_LAYERS, STYLE_LAYERS)
+            del kept
+        elif net is not None:
+            stylize_tensors(content, [style], options(spec["size"], spec["iterations"], spec["optimizer"]), net=net)
+        else:
+            assert cnn is not None
+            time_reference(cnn, content, style, spec["size"], spec["optimizer"], spec["iterations"])
+        gc.collect()
+        peak = maxrss_bytes()
+        out[phase] = {"baseline_rss": base, "peak": peak, "delta": peak - base, "peak_reset": reset}
+    return out
 
 
 class _SymmetricGram(torch.autograd.Function):
@@ -488,48 +506,56 @@ def in_subprocess(kind: str, spec: dict) -> dict:
 
 # --- time to result with --scales ---------------------------------------------------------------------
 
+def stage_of(p: Any) -> tuple[int, int]:
+    """(index, count) of the scale a Progress reports: `stage`/`stages`, or `scale`/`scales` in older versions."""
+    if hasattr(p, "stage"):
+        return int(p.stage), int(p.stages)
+    return int(p.scale), int(p.scales)
+
+
 class _Reached(KeyboardInterrupt):
     """Raised by a callback to stop a run once it has reached the target loss (optimize() stops cleanly)."""
 
 
 def time_to_result(net: VGGFeatures, content: torch.Tensor, style: torch.Tensor, size: int, single_iters: int,
                    scales: list[int], scale_iters: list[int]) -> dict:
-    curve: list[tuple[float, float]] = []
+    """A single-scale run, then a coarse-to-fine one stopped once its last-scale loss reaches the single-scale
+    run's final loss. Both record (seconds since their start, loss) per iteration at the output size: the
+    last scale's objective is the single-scale run's one (same size, same targets)."""
+    single: list[tuple[float, float]] = []
     t0 = time.perf_counter()
 
     def single_cb(p: Progress) -> None:
-        curve.append((time.perf_counter() - t0, p.step.loss))
+        single.append((time.perf_counter() - t0, p.step.loss))
 
     result = stylize_tensors(content, [style], options(size, single_iters, "lbfgs"), callbacks=[single_cb], net=net)
     t_single = time.perf_counter() - t0
     target = result.loss
-    reached: list[tuple[float, int, float]] = []
-    last: list[tuple[float, int, float]] = []
+    multi: list[tuple[float, float]] = []
     starts: dict[int, float] = {}
 
     def multi_cb(p: Progress) -> None:
         now = time.perf_counter() - t1
-        starts.setdefault(p.scale, now)
-        if p.scale == p.scales - 1:
-            last[:] = [(now, p.step.iteration, p.step.loss)]
-            if p.step.loss <= target and not reached:
-                reached.append((now, p.step.iteration, p.step.loss))
+        index, count = stage_of(p)
+        starts.setdefault(index, now)
+        if index == count - 1:
+            multi.append((now, p.step.loss))
+            if p.step.loss <= target:
                 raise _Reached
 
     opts = options(size, single_iters, "lbfgs", scales=scales, scale_iterations=scale_iters)
     t1 = time.perf_counter()
-    multi = stylize_tensors(content, [style], opts, callbacks=[multi_cb], net=net)
-    t_multi_total = time.perf_counter() - t1
-    checkpoints = {}
-    for k in (1, 10, 50, 100, 200, 300, single_iters):
-        if k <= len(curve):
-            checkpoints[k] = curve[k - 1]
-    return {
-        "size": size, "single_iterations": single_iters, "scales": scales, "scale_iterations": scale_iters,
-        "target": target, "t_single": t_single, "single_curve_checkpoints": checkpoints,
-        "reached": reached[0] if reached else None, "multi_last": last[0] if last else None,
-        "multi_loss": multi.loss, "t_multi_total": t_multi_total, "scale_starts": starts,
-    }
+    stylize_tensors(content, [style], opts, callbacks=[multi_cb], net=net)
+    return {"size": size, "single_iterations": single_iters, "scales": scales, "scale_iterations": scale_iters,
+            "target": target, "t_single": t_single, "single": single, "multi": multi, "scale_starts": starts}
+
+
+def first_reach(curve: list[tuple[float, float]], loss: float) -> tuple[float, int] | None:
+    """(seconds, iteration) at which a (seconds, loss) curve first reaches `loss`."""
+    for i, (t, value) in enumerate(curve):
+        if value <= loss:
+            return t, i + 1
+    return None
 
 
 # --- output ------------------------------------------------------------------------------------------
@@ -578,8 +604,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--scales", default="128,256,512", help="the multi-scale run's scales")
     p.add_argument("--scale-iterations", default="200,100,300",
                    help="its iterations per scale (the last is a cap: it stops at the single-scale loss)")
-    p.add_argument("--experiments", default="base,channels_last,no_mkldnn,threads1,mallopt,mallopt+channels_last",
-                   help="variants of impasto's objective to time in subprocesses ('' to skip)")
+    p.add_argument("--experiments", default="base,channels_last,symgram,mallopt,channels_last+symgram+mallopt",
+                   help="variants of impasto's objective to time in subprocesses, each a '+'-joined set of "
+                   "channels_last, symgram, mallopt, threads1, no_mkldnn, compile; base is as-is ('' to skip)")
     p.add_argument("--experiment-size", type=int, default=512)
     p.add_argument("--experiment-rounds", type=int, default=3)
     p.add_argument("--agree-iterations", type=int, default=20, help="iterations of the loss-agreement runs")
@@ -689,21 +716,27 @@ def main(argv: list[str] | None = None) -> int:
     # 3: peak memory, each configuration in a fresh subprocess
     memory: dict[str, dict] = {}
     if "memory" not in skip:
-        for size in sizes:
-            for opt in optimizers:
-                for tool in ("impasto", "reference"):
-                    spec = {"tool": tool, "size": size, "optimizer": opt, "iterations": args.mem_iterations,
-                            "seed": args.seed, "content": args.content, "style": args.style}
-                    memory[f"{size}/{opt}/{tool}"] = in_subprocess("memory", spec)
-        rows = []
-        for size in sizes:
-            for opt in optimizers:
-                a, b = memory[f"{size}/{opt}/impasto"], memory[f"{size}/{opt}/reference"]
-                rows.append([f"{size}/{opt}", f"{a['delta'] / 2**20:.0f}", f"{b['delta'] / 2**20:.0f}",
-                             f"{b['delta'] / a['delta']:.2f}x", f"{a['peak'] / 2**20:.0f}", f"{b['peak'] / 2**20:.0f}"])
-        print(f"\n3. Peak memory, MiB (fresh process each: targets + {args.mem_iterations} iterations; delta = peak "
-              "RSS minus RSS once the network is loaded)")
-        print(table(["size/optimizer", "impasto delta", "ref delta", "ref/impasto", "impasto peak", "ref peak"], rows))
+        for exact in (False, True):
+            for size in sizes:
+                for opt in optimizers:
+                    for tool in TOOLS:
+                        spec = {"tool": tool, "size": size, "optimizer": opt, "iterations": args.mem_iterations,
+                                "seed": args.seed, "content": args.content, "style": args.style, "exact": exact}
+                        memory[f"{size}/{opt}/{tool}" + ("/exact" if exact else "")] = in_subprocess("memory", spec)
+        for exact in ("", "/exact"):
+            rows = []
+            for size in sizes:
+                for opt in optimizers:
+                    a, b = memory[f"{size}/{opt}/impasto{exact}"], memory[f"{size}/{opt}/reference{exact}"]
+                    rows.append([f"{size}/{opt}", *(f"{m[k]['delta'] / 2**20:.0f}" for k in ("targets", "run")
+                                                     for m in (a, b)),
+                                 f"{b['run']['delta'] / a['run']['delta']:.2f}x"])
+            how = ("glibc's default allocator (what a user sees)" if not exact else
+                   "every buffer >= 128 KiB its own mmap (RSS follows the live tensors)")
+            print(f"\n3{'b' if exact else 'a'}. Peak memory over the RSS once the network is loaded, MiB, fresh "
+                  f"process each; {how}; run = targets + {args.mem_iterations} iterations")
+            print(table(["size/optimizer", "impasto targets", "ref targets", "impasto run", "ref run",
+                         "ref/impasto (run)"], rows))
     report["memory"] = memory
 
     # 5: FLOP lower bound
@@ -764,18 +797,27 @@ def main(argv: list[str] | None = None) -> int:
         report["scales"] = r
         print(f"\n6. Time to result at {r['size']} px (L-BFGS): single scale, {r['single_iterations']} iterations, "
               f"vs scales {r['scales']} with iterations {r['scale_iterations']}")
-        print("   single-scale loss vs time: " + ", ".join(
-            f"it {k}: {t:.0f} s, {loss:.5g}" for k, (t, loss) in r["single_curve_checkpoints"].items()))
-        print(f"   single-scale final loss {r['target']:.6g} after {r['t_single']:.1f} s")
-        print("   multi-scale scale start times: " + ", ".join(f"scale {k}: {t:.1f} s" for k, t in
-                                                              r["scale_starts"].items()))
-        if r["reached"]:
-            t, it, loss = r["reached"]
-            print(f"   multi-scale reached {loss:.6g} at {size_label(r)} iteration {it} after {t:.1f} s: "
-                  f"{t / r['t_single']:.2f} of the single-scale time ({r['t_single'] / t:.2f}x faster)")
-        else:
-            t, it, loss = r["multi_last"]
-            print(f"   multi-scale did NOT reach it: {loss:.6g} at {size_label(r)} iteration {it} after {t:.1f} s")
+        first_512 = r["multi"][0][1] if r["multi"] else float("nan")
+        print(f"   single-scale: start loss {r['single'][0][1]:.6g}, final loss {r['target']:.6g} after "
+              f"{r['t_single']:.1f} s; multi-scale: scales start at " + ", ".join(
+                  f"{t:.1f} s" for t in r["scale_starts"].values()) + f", first {r['size']}-px loss {first_512:.6g}")
+        rows = []
+        marks = [k for k in (10, 25, 50, 100, 200) if k < len(r["single"])]
+        levels = [(f"single it {k}", r["single"][k - 1][1]) for k in marks] + [("single final", r["target"])]
+        for label, level in levels:
+            ts = first_reach(r["single"], level)
+            t_single = r["t_single"] if label == "single final" or ts is None else ts[0]
+            tm = first_reach(r["multi"], level)
+            rows.append([label, f"{level:.6g}", f"{t_single:.1f}",
+                         f"{tm[0]:.1f} (it {tm[1]})" if tm else "not reached",
+                         f"{tm[0] / t_single:.2f}" if tm else "-"])
+        r["table"] = rows
+        print(table(["loss level", "loss", "single-scale s", f"multi-scale s ({r['size']}-px it)", "multi/single"],
+                    rows))
+        if not first_reach(r["multi"], r["target"]) and r["multi"]:
+            t, loss = r["multi"][-1]
+            print(f"   multi-scale did NOT reach the final single-scale loss: {loss:.6g} after {len(r['multi'])} "
+                  f"{r['size']}-px iterations, {t:.1f} s")
 
     load_after = os.getloadavg()
     report["load_after"] = load_after
@@ -785,10 +827,6 @@ def main(argv: list[str] | None = None) -> int:
     if args.json:
         Path(args.json).write_text(json.dumps(report, indent=1, default=str))
     return 0
-
-
-def size_label(r: dict) -> str:
-    return f"{r['size']}-px"
 
 
 if __name__ == "__main__":
