@@ -47,6 +47,7 @@ from impasto.artistic import (
     layer_weights,
     stylize_tensors,
 )
+from impasto.losses import PerceptualLoss
 from impasto.nets import VGGFeatures, load_vgg
 
 warnings.filterwarnings("ignore", message="using random VGG weights")
@@ -456,44 +457,85 @@ def symmetric_gram(features: torch.Tensor, mask: torch.Tensor | None = None) -> 
     return _SymmetricGram.apply(features.reshape(n, c, h * w)) / (c * h * w)
 
 
-def worker_eval(spec: dict) -> dict:
-    """Median seconds of one objective evaluation (forward + backward) of impasto's modules, in a variant."""
-    variant = spec["variant"]
-    if "mallopt" in variant:
-        import ctypes
+def interleaved_objective(net: VGGFeatures, loss: PerceptualLoss) -> Callable[[torch.Tensor], torch.Tensor]:
+    """impasto's loss with each layer's term computed as soon as the layer has run, as the tutorial's loss
+    modules do. Autograd then reaches each Gram's backward only when the backward pass gets to its layer,
+    instead of computing every style layer's gradient first and holding it for the whole backward pass."""
+    import impasto.losses as L
 
+    def objective(x: torch.Tensor) -> torch.Tensor:
+        h = net.normalize(x)
+        content = style = torch.zeros((), device=x.device)
+        for name, layer in net.layers.named_children():
+            h = layer(h)
+            if name in loss.content_layer_weights:
+                content = content + loss.content_layer_weights[name] * L.content_loss(h, loss.content_targets[name])
+            if name in loss.style_layer_weights:
+                gram = L.gram_matrix(h.float())
+                for t in loss.styles:
+                    style = style + t.weight * loss.style_layer_weights[name] * L.style_loss(gram, t.grams[name])
+        total = loss.content_weight * content + loss.style_weight * style
+        return total + loss.tv_weight * L.tv_loss(x, loss.tv_power)
+
+    return objective
+
+
+VARIANTS = ("base", "channels_last", "symgram", "interleaved", "mallopt", "exact", "threads1", "no_mkldnn", "compile")
+
+
+def worker_eval(spec: dict) -> dict:
+    """Seconds of one objective evaluation (forward + backward) of impasto's modules in a variant, its loss,
+    and the peak RSS over the RSS before the first evaluation."""
+    tokens = set(spec["variant"].split("+"))
+    unknown = tokens - set(VARIANTS)
+    if unknown:
+        raise ValueError(f"unknown variant {sorted(unknown)}; choose from {', '.join(VARIANTS)}")
+    import ctypes
+
+    if "mallopt" in tokens:
         libc = ctypes.CDLL("libc.so.6")
         # M_MMAP_MAX = 0: big buffers come from the heap, not fresh mmaps that page-fault on every iteration;
         # M_TRIM_THRESHOLD: freed memory stays with the process for the next iteration.
         if not (libc.mallopt(-4, 0) and libc.mallopt(-1, 2**31 - 1)):
             raise RuntimeError("mallopt failed")
-    if "threads1" in variant:
+    if "exact" in tokens and not ctypes.CDLL("libc.so.6").mallopt(-3, 128 * 1024):  # see worker_memory
+        raise RuntimeError("mallopt failed")
+    if "threads1" in tokens:
         torch.set_num_threads(1)
-    if "symgram" in variant:
+    if "symgram" in tokens:
         import impasto.losses
 
         impasto.losses.gram_matrix = symmetric_gram  # type: ignore[assignment]
     content, style, _ = load_inputs(spec["content"], spec["style"])
     net = make_net(spec["seed"])
-    objective, c = impasto_objective(net, content, style, spec["size"])
-    fmt = torch.channels_last if "channels_last" in variant else torch.contiguous_format
+    c, s = at_size(content, style, spec["size"])
+    loss = build_loss(net, c, [s], options(spec["size"], 1, "lbfgs"), contextlib.nullcontext)
+
+    def plain(x: torch.Tensor) -> torch.Tensor:
+        return loss(x, net(x))[0]
+
+    objective = interleaved_objective(net, loss) if "interleaved" in tokens else plain
+    fmt = torch.channels_last if "channels_last" in tokens else torch.contiguous_format
     net = net.to(memory_format=fmt)
     x = c.unsqueeze(0).clone().contiguous(memory_format=fmt).requires_grad_(True)
-    ctx = torch.backends.mkldnn.flags(enabled=False) if "no_mkldnn" in variant else contextlib.nullcontext()
-    fn = objective
-    if "compile" in variant:
-        fn = torch.compile(objective)
-    times = []
+    ctx = torch.backends.mkldnn.flags(enabled=False) if "no_mkldnn" in tokens else contextlib.nullcontext()
+    fn = torch.compile(objective) if "compile" in tokens else objective
+    times: list[float] = []
+    losses: list[float] = []
+    gc.collect()
+    reset_peak()
+    base = rss_bytes()
     with ctx:
         for i in range(spec["warmup"] + spec["repeats"]):
             t = time.perf_counter()
             x.grad = None
-            loss = fn(x)
-            loss.backward()
-            float(loss)
+            value = fn(x)
+            value.backward()
+            losses.append(float(value.detach()))
             if i >= spec["warmup"]:
                 times.append(time.perf_counter() - t)
-    return {"median": statistics.median(times), "min": min(times), "times": times}
+    return {"median": statistics.median(times), "min": min(times), "times": times, "loss": losses[0],
+            "peak_delta": maxrss_bytes() - base}
 
 
 def in_subprocess(kind: str, spec: dict) -> dict:
@@ -604,9 +646,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--scales", default="128,256,512", help="the multi-scale run's scales")
     p.add_argument("--scale-iterations", default="200,100,300",
                    help="its iterations per scale (the last is a cap: it stops at the single-scale loss)")
-    p.add_argument("--experiments", default="base,channels_last,symgram,mallopt,channels_last+symgram+mallopt",
+    p.add_argument("--experiments",
+                   default="base,channels_last,symgram,interleaved,mallopt,channels_last+symgram+interleaved+mallopt,"
+                   "base+exact,interleaved+exact",
                    help="variants of impasto's objective to time in subprocesses, each a '+'-joined set of "
-                   "channels_last, symgram, mallopt, threads1, no_mkldnn, compile; base is as-is ('' to skip)")
+                   f"{', '.join(VARIANTS[1:])}; base is as-is ('' to skip)")
     p.add_argument("--experiment-size", type=int, default=512)
     p.add_argument("--experiment-rounds", type=int, default=3)
     p.add_argument("--agree-iterations", type=int, default=20, help="iterations of the loss-agreement runs")
@@ -632,7 +676,8 @@ def main(argv: list[str] | None = None) -> int:
         args.agree_iterations, args.experiment_rounds = 8, 1
         args.target_repeats, args.mem_iterations, args.conv_repeats = 1, 2, 3
         args.scale_size, args.single_iterations, args.scales, args.scale_iterations = 256, 60, "64,128,256", "60,30,60"
-        args.experiments, args.experiment_size = "base,channels_last", 256
+        args.experiments = "base,channels_last+symgram+interleaved,base+exact,interleaved+exact"
+        args.experiment_size = 256
     sizes = [int(s) for s in args.sizes.split(",")]
     optimizers = args.optimizers.split(",")
     skip = set(filter(None, args.skip.split(",")))
@@ -774,19 +819,23 @@ def main(argv: list[str] | None = None) -> int:
     experiments: dict[str, dict] = {}
     variants = [v for v in args.experiments.split(",") if v]
     if variants:
-        runs: dict[str, list[float]] = {v: [] for v in variants}
+        runs: dict[str, list[dict]] = {v: [] for v in variants}
         for r in range(args.experiment_rounds):
             for variant in variants if r % 2 == 0 else variants[::-1]:
                 spec = {"variant": variant, "size": args.experiment_size, "seed": args.seed, "warmup": 1,
                         "repeats": 3, "content": args.content, "style": args.style}
-                runs[variant].append(in_subprocess("eval", spec)["median"])
-        experiments = {k: {"median": statistics.median(v), "min": min(v), "runs": v} for k, v in runs.items()}
-        base = experiments.get("base", next(iter(experiments.values())))["median"]
+                runs[variant].append(in_subprocess("eval", spec))
+        experiments = {k: {"median": statistics.median(r["median"] for r in v), "min": min(r["min"] for r in v),
+                           "loss": v[0]["loss"], "peak_delta": statistics.median(r["peak_delta"] for r in v),
+                           "runs": v} for k, v in runs.items()}
+        base = experiments.get("base", next(iter(experiments.values())))
         print(f"\nSpeed experiments: one objective evaluation (forward + backward) of impasto's modules at "
               f"{args.experiment_size} px; each run a fresh process (median of 3 evaluations); median and min "
-              f"over {args.experiment_rounds} alternating rounds")
-        print(table(["variant", "s/eval", "min", "base/variant"],
-                    [[k, f"{v['median']:.3f}", f"{v['min']:.3f}", f"{base / v['median']:.2f}x"]
+              f"over {args.experiment_rounds} alternating rounds; loss of the first evaluation vs base; peak RSS "
+              "over the RSS before the first evaluation (exact: RSS follows the live tensors)")
+        print(table(["variant", "s/eval", "min", "base/variant", "loss rel diff", "peak MiB"],
+                    [[k, f"{v['median']:.3f}", f"{v['min']:.3f}", f"{base['median'] / v['median']:.2f}x",
+                      f"{rel(v['loss'], base['loss']):.1e}", f"{v['peak_delta'] / 2**20:.0f}"]
                      for k, v in experiments.items()]))
     report["experiments"] = experiments
 
