@@ -56,3 +56,14 @@ def make_scene() -> Callable[..., torch.Tensor]:
 def make_texture() -> Callable[..., torch.Tensor]:
     """Factory for coloured textures: make_texture((r, g, b), height, width, seed=...)."""
     return texture
+
+
+@pytest.fixture(scope="module")
+def net():
+    """A random-weight VGG19 cut after relu2_1 (the small network the engine tests share)."""
+    from impasto.errors import ImpastoWarning
+    from impasto.nets import load_vgg
+
+    torch.manual_seed(0)
+    with pytest.warns(ImpastoWarning, match="random"):
+        return load_vgg("vgg19", ["relu1_1", "relu2_1"], "avg", "random")

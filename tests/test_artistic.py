@@ -9,21 +9,14 @@ import torch
 
 from impasto import artistic, images
 from impasto.artistic import StylizeOptions, initial_image, output_sizes, stylize_tensors
-from impasto.errors import ImpastoError, ImpastoWarning
+from impasto.errors import ImpastoError
 from impasto.losses import gram_matrix
-from impasto.nets import VGGFeatures, load_vgg
+from impasto.nets import VGGFeatures
 
 STYLE_LAYERS = ["relu1_1", "relu2_1"]
 CONTENT_LAYERS = ["relu2_1"]
 RED = (0.8, 0.25, 0.25)
 BLUE = (0.25, 0.25, 0.8)
-
-
-@pytest.fixture(scope="module")
-def net():
-    torch.manual_seed(0)
-    with pytest.warns(ImpastoWarning, match="random"):
-        return load_vgg("vgg19", STYLE_LAYERS + CONTENT_LAYERS, "avg", "random")
 
 
 def small_opts(**kw) -> StylizeOptions:

@@ -11,19 +11,10 @@ import pytest
 import torch
 
 from impasto.artistic import StylizeOptions, build_loss
-from impasto.errors import ImpastoWarning
 from impasto.losses import content_loss, gram_matrix, style_loss, tv_loss
-from impasto.nets import load_vgg
 
 STYLE_LAYERS = ["relu1_1", "relu2_1"]
 CONTENT_LAYERS = ["relu2_1"]
-
-
-@pytest.fixture(scope="module")
-def net():
-    torch.manual_seed(0)
-    with pytest.warns(ImpastoWarning, match="random"):
-        return load_vgg("vgg19", STYLE_LAYERS + CONTENT_LAYERS, "avg", "random")
 
 
 def small_opts(**kw) -> StylizeOptions:
