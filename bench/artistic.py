@@ -43,12 +43,11 @@ from impasto.artistic import (
     DEFAULT_STYLE_LAYERS,
     Progress,
     StylizeOptions,
-    build_loss,
-    layer_weights,
     stylize_tensors,
 )
 from impasto.losses import PerceptualLoss
 from impasto.nets import VGGFeatures, load_vgg
+from impasto.perceptual import build_loss, layer_weights
 
 warnings.filterwarnings("ignore", message="using random VGG weights")
 

@@ -107,8 +107,8 @@ def iteration_table(sizes: list[int], iterations: int) -> list[dict]:
 
     import torch
 
-    from impasto.artistic import build_loss, network_objective
     from impasto.nets import load_vgg
+    from impasto.perceptual import build_loss, network_objective
     from impasto.photo import PhotoOptions
     from impasto.photo.laplacian import matting_laplacian, to_torch_sparse
     from impasto.photo.transfer import with_matting

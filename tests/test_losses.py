@@ -10,8 +10,9 @@ import contextlib
 import pytest
 import torch
 
-from impasto.artistic import StylizeOptions, build_loss
+from impasto.artistic import StylizeOptions
 from impasto.losses import content_loss, gram_matrix, style_loss, tv_loss
+from impasto.perceptual import build_loss
 
 STYLE_LAYERS = ["relu1_1", "relu2_1"]
 CONTENT_LAYERS = ["relu2_1"]

@@ -17,10 +17,10 @@ import scipy.sparse
 import torch
 
 from impasto import images
-from impasto.artistic import build_loss
 from impasto.errors import ImpastoError, ImpastoWarning
 from impasto.losses import gram_matrix
 from impasto.nets import load_vgg
+from impasto.perceptual import build_loss
 from impasto.photo import (
     PhotoOptions,
     auto_masks,

@@ -6,7 +6,6 @@ the image is optimized coarse to fine over `scales`, each result upsampled as th
 
 from __future__ import annotations
 
-import os
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
@@ -15,9 +14,16 @@ import torch
 
 from . import images
 from .errors import ImpastoError
-from .losses import PerceptualLoss, StyleTarget, gram_matrix, normalized
 from .nets import VGG_LAYER_NAMES, VGGFeatures, load_vgg
 from .optimize import Objective, OptimizerSettings, Outcome, Progress, Stage, run_stages
+from .perceptual import (
+    autocast_for,
+    available_bytes,
+    build_loss,
+    check_min_size,
+    network_objective,
+    resolve_device,
+)
 
 DEFAULT_STYLE_LAYERS = ("relu1_1", "relu2_1", "relu3_1", "relu4_1", "relu5_1")
 DEFAULT_CONTENT_LAYERS = ("relu4_2",)
@@ -111,23 +117,6 @@ def _same_length(flag: str, values: Sequence[Any] | None, n: int, what: str) -> 
         raise ImpastoError(f"{flag} has {len(values)} values but there are {n} {what}")
 
 
-def resolve_device(name: str) -> torch.device:
-    """`auto` picks CUDA, then Apple's MPS, then the CPU."""
-    if name == "auto":
-        if torch.cuda.is_available():
-            return torch.device("cuda")
-        if getattr(torch.backends, "mps", None) and torch.backends.mps.is_available():
-            return torch.device("mps")
-        return torch.device("cpu")
-    if name == "cuda" and not torch.cuda.is_available():
-        raise ImpastoError("--device cuda requested but no CUDA GPU is available")
-    if name == "mps" and not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
-        raise ImpastoError("--device mps requested but Apple's MPS is not available")
-    if name not in ("cpu", "cuda", "mps"):
-        raise ImpastoError(f"unknown device {name!r}; choose auto, cpu, cuda or mps")
-    return torch.device(name)
-
-
 def output_sizes(content_hw: tuple[int, int], opts: StylizeOptions) -> list[tuple[int, int]]:
     """(H, W) at each scale, coarse to fine."""
     h, w = content_hw
@@ -140,14 +129,6 @@ def output_sizes(content_hw: tuple[int, int], opts: StylizeOptions) -> list[tupl
     if opts.size is not None:
         return [images.size_for_long_side(h, w, opts.size)]
     return [(h, w)]
-
-
-def layer_weights(layers: Sequence[str], weights: Sequence[float] | None, exp: float = 1.0) -> dict[str, float]:
-    """Per-layer weights normalized to sum 1; by default layer i gets exp**i (all equal for exp=1)."""
-    raw = list(weights) if weights is not None else [exp**i for i in range(len(layers))]
-    if not layers:
-        return {}
-    return dict(zip(layers, normalized(raw), strict=True))
 
 
 def estimate_bytes(net: VGGFeatures, hw: tuple[int, int], opts: StylizeOptions) -> int:
@@ -165,16 +146,6 @@ def estimate_bytes(net: VGGFeatures, hw: tuple[int, int], opts: StylizeOptions) 
     return 4 * (3 * act + (history + 4) * pixels)
 
 
-def available_bytes(device: torch.device) -> int:
-    if device.type == "cuda":
-        free, _ = torch.cuda.mem_get_info(device)
-        return int(free)
-    try:
-        return int(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"))
-    except (ValueError, OSError, AttributeError):
-        return 1 << 40
-
-
 def check_memory(net: VGGFeatures, hw: tuple[int, int], opts: StylizeOptions, device: torch.device) -> None:
     need, have = estimate_bytes(net, hw, opts), available_bytes(device)
     if need > 0.8 * have:
@@ -183,69 +154,6 @@ def check_memory(net: VGGFeatures, hw: tuple[int, int], opts: StylizeOptions, de
             f"{have / 2**30:.1f} GiB; use a smaller --size/--width"
             + (" or a smaller --lbfgs-history / --optimizer adam" if opts.optimizer == "lbfgs" else "")
         )
-
-
-def check_min_size(net: VGGFeatures, hw: tuple[int, int], what: str) -> None:
-    if min(hw) < net.downsampling:
-        raise ImpastoError(
-            f"{what} is {hw[1]}x{hw[0]} pixels at this size; the loss network needs at least "
-            f"{net.downsampling} pixels per side"
-        )
-
-
-def build_loss(
-    net: VGGFeatures, content: torch.Tensor, styles: Sequence[torch.Tensor], opts: StylizeOptions,
-    autocast: Callable[[], Any], regions: Sequence[tuple[torch.Tensor, torch.Tensor]] | None = None,
-) -> PerceptualLoss:
-    """Content features and style Gram matrices, computed once under inference mode.
-
-    With `regions` — (content mask, style mask) pairs of float (H, W) masks, one pair per semantic
-    class, for a single style image — the style term is computed per class, each class weighted by
-    its share of the content's area (so one all-covering class equals the unmasked loss).
-    """
-    blend = normalized(opts.style_blend_weights or [1.0] * len(styles))
-    with torch.inference_mode(), autocast():
-        feats = net(content.unsqueeze(0))
-        content_targets = {k: feats[k].float().clone() for k in opts.content_layers}
-        targets = []
-        for style, weight in zip(styles, blend, strict=True):
-            if weight == 0:
-                continue
-            sf = net(style.unsqueeze(0))
-            if regions is None:
-                targets.append(StyleTarget({k: gram_matrix(sf[k].float()) for k in opts.style_layers}, weight))
-            else:
-                targets += _region_targets(sf, feats, regions, opts.style_layers, weight)
-    for t in targets:  # masks multiply the optimized features, so autograd must be able to save them
-        t.masks = None if t.masks is None else {k: m.clone() for k, m in t.masks.items()}
-    return PerceptualLoss(
-        content_targets=content_targets,
-        content_layer_weights=layer_weights(opts.content_layers, opts.content_layer_weights),
-        styles=targets,
-        style_layer_weights=layer_weights(opts.style_layers, opts.style_layer_weights, opts.style_layer_weight_exp),
-        content_weight=opts.content_weight,
-        style_weight=opts.style_weight,
-        tv_weight=opts.tv_weight,
-        tv_power=opts.tv_power,
-    )
-
-
-def _region_targets(style_feats: dict[str, torch.Tensor], content_feats: dict[str, torch.Tensor],
-                    regions: Sequence[tuple[torch.Tensor, torch.Tensor]], layers: Sequence[str],
-                    weight: float) -> list[StyleTarget]:
-    """One masked StyleTarget per class, with each mask brought to each layer's resolution."""
-    def at(mask: torch.Tensor, feature: torch.Tensor) -> torch.Tensor:
-        hw = (feature.shape[-2], feature.shape[-1])
-        mode = "area" if hw[0] <= mask.shape[-2] else "bilinear"
-        return torch.nn.functional.interpolate(mask[None, None].float().to(feature.device), size=hw, mode=mode)
-
-    shares = normalized([float(c.float().mean()) for c, _ in regions])
-    targets = []
-    for (content_mask, style_mask), share in zip(regions, shares, strict=True):
-        masks = {k: at(content_mask, content_feats[k]) for k in layers}
-        grams = {k: gram_matrix(style_feats[k].float(), at(style_mask, style_feats[k])) for k in layers}
-        targets.append(StyleTarget(grams, weight * share, masks))
-    return targets
 
 
 def initial_image(content: torch.Tensor, opts: StylizeOptions, hw: tuple[int, int]) -> torch.Tensor:
@@ -322,20 +230,3 @@ def stylize_tensors(
     return Outcome(out, outcome.loss, outcome.iterations, outcome.interrupted, outcome.state)
 
 
-def network_objective(net: VGGFeatures, loss: PerceptualLoss, autocast: Callable[[], Any]) -> Objective:
-    """The image's loss: run the network (under autocast if enabled) and evaluate `loss` on its features."""
-    def objective(x: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        with autocast():
-            feats = net(x)
-        return loss(x, feats)
-
-    return objective
-
-
-def autocast_for(device: torch.device, amp: bool) -> Callable[[], Any]:
-    """float16 autocast for the network on CUDA when asked; a no-op context otherwise."""
-    import contextlib
-
-    if amp and device.type == "cuda":
-        return lambda: torch.autocast("cuda", dtype=torch.float16)
-    return contextlib.nullcontext

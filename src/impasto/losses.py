@@ -59,8 +59,10 @@ def content_loss(features: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
 
 
 def style_loss(gram: torch.Tensor, target_gram: torch.Tensor) -> torch.Tensor:
-    """How far a Gram matrix is from the style image's, relative to the style's own energy."""
-    return relative_error(gram, target_gram)
+    """How far a Gram matrix is from the style image's, relative to the style's own energy.
+
+    A batch of Grams (N, C, C) against one target (1, C, C) gives the mean over the batch."""
+    return relative_error(gram, target_gram.expand_as(gram))
 
 
 def tv_loss(image: torch.Tensor, power: float = 2.0) -> torch.Tensor:

@@ -9,21 +9,10 @@ from dataclasses import dataclass, field
 import torch
 
 from .. import images
-from ..artistic import (
-    StylizeOptions,
-    autocast_for,
-    build_loss,
-    check_memory,
-    check_min_size,
-    initial_image,
-    loss_network,
-    network_objective,
-    optimizer_settings,
-    output_sizes,
-    resolve_device,
-)
+from ..artistic import StylizeOptions, check_memory, initial_image, loss_network, optimizer_settings, output_sizes
 from ..errors import ImpastoError
 from ..optimize import Objective, Outcome, Progress, Stage, run_stages
+from ..perceptual import autocast_for, build_loss, check_min_size, network_objective, resolve_device
 from .laplacian import matting_laplacian, matting_loss, to_torch_sparse
 from .masks import MaskPair, auto_masks, mask_pairs
 from .smoothing import guided_smooth, guided_upsample

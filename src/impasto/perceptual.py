@@ -1,0 +1,153 @@
+"""The perceptual-loss plumbing the engines share: device choice, mixed precision, per-layer
+weights, size checks, and the content/style targets a loss network gives for an image."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Sequence
+from typing import Any, Protocol
+
+import torch
+
+from .errors import ImpastoError
+from .losses import PerceptualLoss, StyleTarget, gram_matrix, normalized
+from .nets import VGGFeatures
+from .optimize import Objective
+
+
+class LossSettings(Protocol):
+    """The loss options the engines have in common (StylizeOptions, PhotoOptions, TrainOptions)."""
+
+    content_layers: list[str]
+    style_layers: list[str]
+    content_layer_weights: list[float] | None
+    style_layer_weights: list[float] | None
+    style_layer_weight_exp: float
+    style_blend_weights: list[float] | None
+    content_weight: float
+    style_weight: float
+    tv_weight: float
+    tv_power: float
+
+
+def resolve_device(name: str) -> torch.device:
+    """`auto` picks CUDA, then Apple's MPS, then the CPU."""
+    if name == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        if getattr(torch.backends, "mps", None) and torch.backends.mps.is_available():
+            return torch.device("mps")
+        return torch.device("cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise ImpastoError("--device cuda requested but no CUDA GPU is available")
+    if name == "mps" and not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
+        raise ImpastoError("--device mps requested but Apple's MPS is not available")
+    if name not in ("cpu", "cuda", "mps"):
+        raise ImpastoError(f"unknown device {name!r}; choose auto, cpu, cuda or mps")
+    return torch.device(name)
+
+
+def layer_weights(layers: Sequence[str], weights: Sequence[float] | None, exp: float = 1.0) -> dict[str, float]:
+    """Per-layer weights normalized to sum 1; by default layer i gets exp**i (all equal for exp=1)."""
+    raw = list(weights) if weights is not None else [exp**i for i in range(len(layers))]
+    if not layers:
+        return {}
+    return dict(zip(layers, normalized(raw), strict=True))
+
+
+def available_bytes(device: torch.device) -> int:
+    if device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+        return int(free)
+    try:
+        return int(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"))
+    except (ValueError, OSError, AttributeError):
+        return 1 << 40
+
+
+def check_min_size(net: VGGFeatures, hw: tuple[int, int], what: str) -> None:
+    if min(hw) < net.downsampling:
+        raise ImpastoError(
+            f"{what} is {hw[1]}x{hw[0]} pixels at this size; the loss network needs at least "
+            f"{net.downsampling} pixels per side"
+        )
+
+
+def build_loss(
+    net: VGGFeatures, content: torch.Tensor, styles: Sequence[torch.Tensor], opts: LossSettings,
+    autocast: Callable[[], Any], regions: Sequence[tuple[torch.Tensor, torch.Tensor]] | None = None,
+) -> PerceptualLoss:
+    """Content features and style Gram matrices, computed once under inference mode.
+
+    With `regions` — (content mask, style mask) pairs of float (H, W) masks, one pair per semantic
+    class, for a single style image — the style term is computed per class, each class weighted by
+    its share of the content's area (so one all-covering class equals the unmasked loss).
+    """
+    blend = normalized(opts.style_blend_weights or [1.0] * len(styles))
+    with torch.inference_mode(), autocast():
+        feats = net(content.unsqueeze(0))
+        content_targets = {k: feats[k].float().clone() for k in opts.content_layers}
+        targets = []
+        for style, weight in zip(styles, blend, strict=True):
+            if weight == 0:
+                continue
+            sf = net(style.unsqueeze(0))
+            if regions is None:
+                targets.append(StyleTarget({k: gram_matrix(sf[k].float()) for k in opts.style_layers}, weight))
+            else:
+                targets += _region_targets(sf, feats, regions, opts.style_layers, weight)
+    for t in targets:  # masks multiply the optimized features, so autograd must be able to save them
+        t.masks = None if t.masks is None else {k: m.clone() for k, m in t.masks.items()}
+    return perceptual_loss(opts, content_targets, targets)
+
+
+def _region_targets(style_feats: dict[str, torch.Tensor], content_feats: dict[str, torch.Tensor],
+                    regions: Sequence[tuple[torch.Tensor, torch.Tensor]], layers: Sequence[str],
+                    weight: float) -> list[StyleTarget]:
+    """One masked StyleTarget per class, with each mask brought to each layer's resolution."""
+    def at(mask: torch.Tensor, feature: torch.Tensor) -> torch.Tensor:
+        hw = (feature.shape[-2], feature.shape[-1])
+        mode = "area" if hw[0] <= mask.shape[-2] else "bilinear"
+        return torch.nn.functional.interpolate(mask[None, None].float().to(feature.device), size=hw, mode=mode)
+
+    shares = normalized([float(c.float().mean()) for c, _ in regions])
+    targets = []
+    for (content_mask, style_mask), share in zip(regions, shares, strict=True):
+        masks = {k: at(content_mask, content_feats[k]) for k in layers}
+        grams = {k: gram_matrix(style_feats[k].float(), at(style_mask, style_feats[k])) for k in layers}
+        targets.append(StyleTarget(grams, weight * share, masks))
+    return targets
+
+
+def network_objective(net: VGGFeatures, loss: PerceptualLoss, autocast: Callable[[], Any]) -> Objective:
+    """The image's loss: run the network (under autocast if enabled) and evaluate `loss` on its features."""
+    def objective(x: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        with autocast():
+            feats = net(x)
+        return loss(x, feats)
+
+    return objective
+
+
+def autocast_for(device: torch.device, amp: bool) -> Callable[[], Any]:
+    """float16 autocast for the network on CUDA when asked; a no-op context otherwise."""
+    import contextlib
+
+    if amp and device.type == "cuda":
+        return lambda: torch.autocast("cuda", dtype=torch.float16)
+    return contextlib.nullcontext
+
+
+def perceptual_loss(opts: LossSettings, content_targets: dict[str, torch.Tensor],
+                    styles: list[StyleTarget]) -> PerceptualLoss:
+    """The weighted loss of `opts` around given targets (per-image for optimization, per-batch for training)."""
+    return PerceptualLoss(
+        content_targets=content_targets,
+        content_layer_weights=layer_weights(opts.content_layers, opts.content_layer_weights),
+        styles=styles,
+        style_layer_weights=layer_weights(opts.style_layers, opts.style_layer_weights, opts.style_layer_weight_exp),
+        content_weight=opts.content_weight,
+        style_weight=opts.style_weight,
+        tv_weight=opts.tv_weight,
+        tv_power=opts.tv_power,
+    )
