@@ -1,0 +1,242 @@
+"""Applying a style network to images, folders (in batches of equal-size images) and videos.
+
+Every output has exactly its input's size; each file succeeds or fails on its own, so one bad
+file in a folder is reported and the others are still written.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from .. import images
+from ..errors import ImpastoError
+from ..files import atomic_path
+from .transformer import TransformerNet
+
+IMAGE_SUFFIXES = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff", ".gif", ".ppm"})
+VIDEO_SUFFIXES = frozenset({".mp4", ".mov", ".mkv", ".avi", ".webm", ".m4v", ".mpg", ".mpeg", ".wmv", ".flv"})
+WRITABLE_IMAGE = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff"})
+H264_CONTAINERS = frozenset({".mp4", ".mov", ".mkv", ".m4v"})
+MIN_NETWORK_SIDE = 8  # reflection padding in the residual blocks needs 2 pixels at 1/4 scale
+
+
+class Stylizer:
+    """A network ready to stylize batches on a device, in float32 or float16 (CUDA only)."""
+
+    def __init__(self, net: TransformerNet, device: torch.device, precision: str = "auto") -> None:
+        if precision not in ("auto", "fp32", "fp16"):
+            raise ImpastoError(f"unknown precision {precision!r}; choose auto, fp32 or fp16")
+        if precision == "fp16" and device.type != "cuda":
+            raise ImpastoError("--precision fp16 needs a CUDA device; on the CPU use fp32")
+        self.device = device
+        self.dtype = torch.float16 if device.type == "cuda" and precision != "fp32" else torch.float32
+        # channels-last lets oneDNN (CPU) and cuDNN (tensor cores) pick their fastest convolutions
+        self.net = net.eval().to(device=device, dtype=self.dtype, memory_format=torch.channels_last)
+
+    @torch.inference_mode()
+    def __call__(self, batch: torch.Tensor) -> torch.Tensor:
+        """(N, 3, H, W) in [0, 1] on any device -> the stylized batch on the CPU, clamped to [0, 1]."""
+        h, w = batch.shape[-2:]
+        x = batch.to(device=self.device, dtype=self.dtype, memory_format=torch.channels_last)
+        if min(h, w) < MIN_NETWORK_SIDE:  # tiny images: edge-replicate to the smallest size the net takes
+            x = F.pad(x, (0, max(0, MIN_NETWORK_SIDE - w), 0, max(0, MIN_NETWORK_SIDE - h)), mode="replicate")
+        y = self.net(x)[..., :h, :w]
+        return y.float().clamp_(0.0, 1.0).cpu().contiguous()
+
+
+@dataclass
+class Job:
+    """One input file and where its stylization goes."""
+
+    source: Path
+    output: Path
+    video: bool
+
+
+def plan_jobs(inputs: Sequence[str | os.PathLike[str]], outdir: str | os.PathLike[str]) -> list[Job]:
+    """Outputs for files and folders: a file keeps its name, a folder's images keep their paths below it.
+
+    Images keep their format where it can be written (else PNG); videos become H.264 in MP4 unless
+    their container holds H.264 already. Fails before any work on a missing input or a name clash.
+    """
+    out = Path(outdir)
+    jobs: list[Job] = []
+    for given in inputs:
+        src = Path(given)
+        if src.is_dir():
+            found = sorted(p for p in src.rglob("*") if p.is_file() and _kind(p) is not None)
+            if not found:
+                raise ImpastoError(f"no images or videos found in {src}")
+            jobs += [_job(p, out / src.resolve().name / p.relative_to(src)) for p in found]
+        elif src.is_file():
+            if _kind(src) is None:
+                raise ImpastoError(f"{src} is not an image or video file this tool reads (by its extension)")
+            jobs.append(_job(src, out / src.name))
+        else:
+            raise ImpastoError(f"input not found: {src}")
+    seen: dict[Path, Path] = {}
+    for job in jobs:
+        key = job.output.resolve()
+        if key in seen:
+            raise ImpastoError(f"{seen[key]} and {job.source} would both be written to {job.output}")
+        if key == job.source.resolve():
+            raise ImpastoError(f"output {job.output} is also an input; choose another -o directory")
+        seen[key] = job.source
+    return jobs
+
+
+def _kind(path: Path) -> str | None:
+    suffix = path.suffix.lower()
+    return "image" if suffix in IMAGE_SUFFIXES else "video" if suffix in VIDEO_SUFFIXES else None
+
+
+def _job(src: Path, dst: Path) -> Job:
+    suffix = src.suffix.lower()
+    if _kind(src) == "video":
+        return Job(src, dst if suffix in H264_CONTAINERS else dst.with_suffix(".mp4"), True)
+    return Job(src, dst if suffix in WRITABLE_IMAGE else dst.with_suffix(".png"), False)
+
+
+@dataclass
+class Failure:
+    source: Path
+    reason: str
+
+
+def stylize_images(stylizer: Stylizer, jobs: Sequence[Job], batch_size: int, metadata: dict[str, Any],
+                   on_done: Callable[[Job, Failure | None], None]) -> list[Failure]:
+    """Stylize image jobs, batching consecutive images of equal size; report each job once."""
+    failures: list[Failure] = []
+
+    def finish(job: Job, failure: Failure | None) -> None:
+        if failure is not None:
+            failures.append(failure)
+        on_done(job, failure)
+
+    for batch in _batches(jobs, batch_size, finish):
+        try:
+            outputs = stylizer(torch.stack([image for _, image in batch]))
+        except (RuntimeError, ImpastoError) as e:
+            for job, _ in batch:
+                finish(job, Failure(job.source, _reason(e)))
+            continue
+        for (job, _), out in zip(batch, outputs, strict=True):
+            try:
+                images.save_image(out, job.output, metadata)
+                finish(job, None)
+            except ImpastoError as e:
+                finish(job, Failure(job.source, str(e)))
+    return failures
+
+
+def _batches(jobs: Sequence[Job], size: int, finish: Callable[[Job, Failure | None], None]
+             ) -> Iterator[list[tuple[Job, torch.Tensor]]]:
+    """Load images in order, yielding runs of equal-size images up to `size` long."""
+    batch: list[tuple[Job, torch.Tensor]] = []
+    for job in jobs:
+        try:
+            image = images.load_image(job.source)
+        except ImpastoError as e:
+            finish(job, Failure(job.source, str(e)))
+            continue
+        if batch and (len(batch) == size or batch[0][1].shape != image.shape):
+            yield batch
+            batch = []
+        batch.append((job, image))
+    if batch:
+        yield batch
+
+
+def _reason(error: BaseException) -> str:
+    text = str(error).strip().splitlines()
+    return text[0] if text else type(error).__name__
+
+
+# --- video ---------------------------------------------------------------------------------------
+
+
+def stylize_video(stylizer: Stylizer, job: Job, batch_size: int, on_frames: Callable[[int], None] | None = None,
+                  on_start: Callable[[int], None] | None = None) -> int:
+    """Stylize every frame of a video into H.264, keeping its frame timing and copying its audio.
+
+    Returns the number of frames written. The output appears only when the whole video is done.
+    """
+    av = _import_av()
+    try:
+        source = av.open(str(job.source))
+    except (av.FFmpegError, OSError) as e:
+        raise ImpastoError(f"cannot open video {job.source}: {_reason(e)}") from None
+    with contextlib.closing(source), atomic_path(job.output) as tmp:
+        if not source.streams.video:
+            raise ImpastoError(f"{job.source} has no video stream")
+        vin = source.streams.video[0]
+        vin.thread_type = "AUTO"
+        fmt = "mp4" if job.output.suffix.lower() in (".mp4", ".m4v") else job.output.suffix.lower().lstrip(".")
+        fmt = {"mkv": "matroska"}.get(fmt, fmt)
+        with contextlib.closing(av.open(str(tmp), "w", format=fmt)) as sink:
+            vout = _video_stream(sink, vin)
+            audio = [(a, sink.add_stream_from_template(a)) for a in source.streams.audio[:1]]
+            if on_start is not None:
+                on_start(vin.frames or 0)
+            pending: list[Any] = []
+            written = 0
+
+            def flush() -> None:
+                nonlocal written
+                written += _encode_batch(stylizer, pending, vout, sink)
+                if on_frames is not None:
+                    on_frames(len(pending))
+                pending.clear()
+
+            for packet in source.demux(vin, *(a for a, _ in audio)):
+                if packet.stream.type == "video":
+                    pending += packet.decode()
+                    if len(pending) >= batch_size:
+                        flush()
+                elif packet.dts is not None:
+                    packet.stream = audio[0][1]
+                    sink.mux(packet)
+            if pending:
+                flush()
+            sink.mux(vout.encode(None))
+    return written
+
+
+def _video_stream(sink: Any, vin: Any) -> Any:
+    rate = vin.average_rate or vin.guessed_rate or 25
+    stream = sink.add_stream("libx264", rate=rate)
+    stream.width, stream.height = vin.codec_context.width, vin.codec_context.height
+    # 4:2:0 chroma needs even sides; odd-size videos keep full chroma so the size is exact
+    stream.pix_fmt = "yuv420p" if stream.width % 2 == 0 and stream.height % 2 == 0 else "yuv444p"
+    stream.time_base = vin.time_base
+    stream.options = {"crf": "18", "preset": "medium"}
+    return stream
+
+
+def _encode_batch(stylizer: Stylizer, frames: list[Any], vout: Any, sink: Any) -> int:
+    import av
+
+    batch = torch.stack([torch.from_numpy(f.to_ndarray(format="rgb24")).permute(2, 0, 1) for f in frames])
+    out = stylizer(batch.float().div_(255.0))
+    pixels = out.mul(255.0).round_().to(torch.uint8).permute(0, 2, 3, 1).contiguous().numpy()
+    for frame, rgb in zip(frames, pixels, strict=True):
+        new = av.VideoFrame.from_ndarray(rgb, format="rgb24")
+        new.pts, new.time_base = frame.pts, frame.time_base
+        sink.mux(vout.encode(new))
+    return len(frames)
+
+
+def _import_av() -> Any:
+    try:
+        import av
+    except ImportError:
+        raise ImpastoError("video needs PyAV: pip install 'impasto[video]' (or pip install av)") from None
+    return av
