@@ -330,8 +330,14 @@ def build_parser() -> Parser:
     parser = Parser(prog=PROG, description="impasto: neural style transfer")
     parser.add_argument("--version", action="version", version=f"{PROG} {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=Parser)
+    from .fast.commands import add_apply, add_export, add_import, add_train
+
     add_stylize(sub)
     add_photo(sub)
+    add_train(sub)
+    add_apply(sub)
+    add_export(sub)
+    add_import(sub)
     add_info(sub)
     return parser
 

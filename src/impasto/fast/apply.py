@@ -39,7 +39,7 @@ class Stylizer:
         self.device = device
         self.dtype = torch.float16 if device.type == "cuda" and precision != "fp32" else torch.float32
         # channels-last lets oneDNN (CPU) and cuDNN (tensor cores) pick their fastest convolutions
-        self.net = net.eval().to(device=device, dtype=self.dtype, memory_format=torch.channels_last)
+        self.net = net.eval().to(device=device, dtype=self.dtype).to(memory_format=torch.channels_last)  # type: ignore[call-overload]
 
     @torch.inference_mode()
     def __call__(self, batch: torch.Tensor) -> torch.Tensor:

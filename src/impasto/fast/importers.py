@@ -56,7 +56,7 @@ def import_lengstrom(directory: str | os.PathLike[str]) -> tuple[TransformerNet,
     """A lengstrom/fast-style-transfer network as a TransformerNet, and metadata saying where it came from."""
     variables = read_deeplearnjs(directory)
     net = TransformerNet(LENGSTROM_SPEC)
-    layers = [*net.encoder, *(layer for block in net.residuals for layer in block.body), *net.decoder]
+    layers = [*net.encoder, *(layer for block in net.residuals for layer in block.body), *net.decoder]  # type: ignore[union-attr]
     with torch.no_grad():
         for index, layer in enumerate(layers):
             kernel, shift, scale = variables[3 * index: 3 * index + 3]

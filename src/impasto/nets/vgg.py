@@ -122,11 +122,16 @@ class VGGFeatures(nn.Module):
             image = image * self.normalization.scale
         return (image - self.get_buffer("mean")) / self.get_buffer("std")
 
-    def forward(self, image: torch.Tensor) -> dict[str, torch.Tensor]:
+    def forward(self, image: torch.Tensor, layers: Iterable[str] | None = None) -> dict[str, torch.Tensor]:
+        """Activations of the requested layers; with `layers`, only those, and the pass stops at the
+        deepest of them (training needs only relu2_2 of the content batch, not relu4_3)."""
+        wanted = self.outputs if layers is None else frozenset(layers) & self.outputs
         x = self.normalize(image)
         feats: dict[str, torch.Tensor] = {}
         for name, layer in self.layers.named_children():
             x = layer(x)
-            if name in self.outputs:
+            if name in wanted:
                 feats[name] = x
+                if len(feats) == len(wanted):
+                    break
         return feats

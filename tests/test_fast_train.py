@@ -1,0 +1,188 @@
+"""Training fast style networks: the loss drops, checkpoints, exact resume, data handling, DDP on gloo."""
+
+from __future__ import annotations
+
+import os
+import socket
+import warnings
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from impasto import images
+from impasto.errors import ImpastoError
+from impasto.fast.models import load_model
+from impasto.fast.train import (
+    EpochBatches,
+    TrainOptions,
+    find_images,
+    random_crop_box,
+    style_loss_template,
+    train,
+)
+from impasto.fast.transformer import TransformerNet, TransformerSpec
+from impasto.nets import load_vgg
+
+pytestmark = pytest.mark.filterwarnings("ignore:using random VGG weights")
+
+
+@pytest.fixture
+def photos(tmp_path, make_scene) -> Path:
+    """Ten small photos of different sizes in a nested folder, plus a style image beside it."""
+    root = tmp_path / "photos"
+    for i in range(10):
+        folder = root / ("nested" if i % 3 == 0 else "")
+        folder.mkdir(parents=True, exist_ok=True)
+        images.save_image(make_scene(40 + 3 * i, 48, seed=i), folder / f"p{i}.{'jpg' if i % 2 else 'png'}")
+    return root
+
+
+@pytest.fixture
+def style_path(tmp_path, make_texture) -> Path:
+    path = tmp_path / "style.png"
+    images.save_image(make_texture((0.8, 0.3, 0.2), 48, 48), path)
+    return path
+
+
+def options(photos: Path, style_path: Path, **kw) -> TrainOptions:
+    base = dict(style=str(style_path), data=str(photos), weights="random", image_size=32, batch_size=2,
+                width=0.25, workers=0, checkpoint_every=1000, quiet=True, seed=3)
+    return TrainOptions(**{**base, **kw})
+
+
+def fixed_loss(net: torch.nn.Module, opts: TrainOptions, batch: torch.Tensor) -> float:
+    """The training objective of `net` on one fixed batch (evaluated, not stepped)."""
+    vgg = _vgg(opts)
+    loss = style_loss_template(vgg, images.load_image(opts.style), opts)
+    with torch.no_grad():
+        content = vgg(batch, loss.content_layer_weights)
+        out = net(batch)
+        total, _ = replace(loss, content_targets=content)(out, vgg(out))
+    return float(total)
+
+
+def _vgg(opts: TrainOptions):
+    """The random loss network train() builds: same seed, after the same network initialization."""
+    torch.manual_seed(opts.seed)
+    TransformerNet(TransformerSpec(width=opts.width))
+    return load_vgg(opts.model, [*opts.content_layers, *opts.style_layers], opts.pooling, "random")
+
+
+def test_training_lowers_the_loss_and_writes_model_and_checkpoints(tmp_path, photos, style_path):
+    opts = options(photos, style_path, steps=24, checkpoint_every=10, keep_checkpoints=2, learning_rate=3e-3)
+    batch = torch.stack([images.resize(images.load_image(p), (32, 32)) for p in find_images(photos)[:2]])
+    torch.manual_seed(opts.seed)
+    untrained = TransformerNet(TransformerSpec(width=0.25))  # what train() starts from (same seed)
+    result = train(opts, tmp_path / "m.pt")
+    net, meta = load_model(tmp_path / "m.pt")
+    assert result.step == 24 and meta["steps"] == 24 and meta["style"] == "style.png"
+    before, after = fixed_loss(untrained, opts, batch), fixed_loss(net, opts, batch)
+    assert after < 0.7 * before, (before, after)
+    # checkpoints at 10, 20 and the final one at 24; only the newest 2 are kept
+    assert sorted(p.name for p in (tmp_path / "m.pt.ckpt").iterdir()) == ["checkpoint_00000020.pt",
+                                                                          "checkpoint_00000024.pt"]
+
+
+def test_resume_continues_exactly(tmp_path, photos, style_path):
+    train(options(photos, style_path, steps=6), tmp_path / "full.pt")
+    train(options(photos, style_path, steps=3), tmp_path / "half.pt")
+    ckpt = torch.load(tmp_path / "half.pt.ckpt" / "checkpoint_00000003.pt", weights_only=True)
+    assert ckpt["step"] == 3
+    assert all(int(s["step"]) == 3 for s in ckpt["optimizer"]["state"].values())  # Adam's own step count
+    result = train(options(photos, style_path, steps=6), tmp_path / "half.pt", resume=tmp_path / "half.pt.ckpt")
+    assert result.step == 6
+    full, _ = load_model(tmp_path / "full.pt")
+    resumed, _ = load_model(tmp_path / "half.pt")
+    for (name, a), b in zip(full.state_dict().items(), resumed.state_dict().values(), strict=True):
+        assert torch.equal(a, b), name
+    final = torch.load(tmp_path / "half.pt.ckpt" / "checkpoint_00000006.pt", weights_only=True)
+    assert all(int(s["step"]) == 6 for s in final["optimizer"]["state"].values())
+
+
+def test_resume_refuses_changed_settings(tmp_path, photos, style_path):
+    train(options(photos, style_path, steps=2), tmp_path / "m.pt")
+    with pytest.raises(ImpastoError, match=r"cannot resume .*checkpoint_00000002.pt: width was 0.25, now 0.5"):
+        train(options(photos, style_path, steps=4, width=0.5), tmp_path / "m.pt", resume=tmp_path / "m.pt.ckpt")
+    with pytest.raises(ImpastoError, match="no checkpoint to resume in"):
+        train(options(photos, style_path, steps=4), tmp_path / "m.pt", resume=tmp_path)
+
+
+def test_unreadable_files_are_skipped_and_counted(tmp_path, photos, style_path):
+    (photos / "broken.jpg").write_bytes(b"not a jpeg")
+    (photos / "nested" / "empty.png").write_bytes(b"")
+    with pytest.warns(UserWarning, match=r"skipped 2 unreadable image\(s\)"):
+        result = train(options(photos, style_path, epochs=2, batch_size=4), tmp_path / "m.pt")
+    assert result.skipped == {str(photos / "broken.jpg"), str(photos / "nested" / "empty.png")}
+    assert result.step == result.total == 2 * (12 // 4)
+
+
+def test_bad_options_are_clear(tmp_path, photos, style_path):
+    with pytest.raises(ImpastoError, match="training data folder not found"):
+        train(options(tmp_path / "nowhere", style_path), tmp_path / "m.pt")
+    with pytest.raises(ImpastoError, match="style image not found"):
+        train(options(photos, tmp_path / "none.png"), tmp_path / "m.pt")
+    with pytest.raises(ImpastoError, match=r"has 10 images; a batch of 16 on 1 process\(es\) needs at least 16"):
+        train(options(photos, style_path, batch_size=16), tmp_path / "m.pt")
+    with pytest.raises(ImpastoError, match="crop-scale takes two numbers"):
+        train(options(photos, style_path, crop_scale=[0.5, 1.5]), tmp_path / "m.pt")
+    with pytest.raises(ImpastoError, match="unknown option 'learning_rat' in cfg.yaml"):
+        TrainOptions.from_dict({"learning-rat": 1}, "cfg.yaml")
+    assert not (tmp_path / "m.pt").exists()
+
+
+def test_epoch_batches_shard_each_permutation_and_restart_anywhere():
+    n, batch, world = 23, 3, 2
+    shards = [list(EpochBatches(n, batch, 7, rank, world, 0, epochs=2)) for rank in range(world)]
+    per_epoch = (n // world) // batch
+    assert all(len(s) == 2 * per_epoch for s in shards)
+    for epoch in range(2):
+        keys = [k for s in shards for b in s[epoch * per_epoch:(epoch + 1) * per_epoch] for k in b]
+        assert {e for e, _ in keys} == {epoch}
+        indices = [i for _, i in keys]
+        assert len(indices) == len(set(indices)) == world * per_epoch * batch  # disjoint, no repeats
+    assert [k for b in shards[0][:per_epoch] for k in b] != [k for b in shards[0][per_epoch:] for k in b]
+    assert list(EpochBatches(n, batch, 7, 1, world, 5, epochs=2)) == shards[1][5:]
+
+
+def test_random_crops_stay_inside_and_cover_the_asked_area():
+    rng = np.random.default_rng(0)
+    for _ in range(200):
+        x0, y0, x1, y1 = random_crop_box(120, 80, rng, (0.3, 0.6))
+        assert 0 <= x0 < x1 <= 120 and 0 <= y0 < y1 <= 80
+        assert 0.3 - 1e-9 <= (x1 - x0) * (y1 - y0) / (120 * 80) <= 0.6 + 1e-9
+        assert 3 / 4 - 1e-9 <= (x1 - x0) / (y1 - y0) <= 4 / 3 + 1e-9
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _ddp_worker(rank: int, world: int, port: int, opts: TrainOptions, out: str, dump: str) -> None:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
+                      LOCAL_RANK=str(rank))
+    torch.set_num_threads(1)
+    warnings.filterwarnings("ignore")
+    result = train(opts, out)
+    torch.save({k: v.clone() for k, v in result.net.state_dict().items()}, f"{dump}/rank{rank}.pt")
+
+
+def test_ddp_on_gloo_keeps_replicas_identical_and_only_rank0_writes(tmp_path, photos, style_path):
+    opts = options(photos, style_path, steps=3, checkpoint_every=2)
+    out = tmp_path / "out" / "m.pt"
+    torch.multiprocessing.spawn(_ddp_worker, args=(2, _free_port(), opts, str(out), str(tmp_path)), nprocs=2)
+    a = torch.load(tmp_path / "rank0.pt", weights_only=True)
+    b = torch.load(tmp_path / "rank1.pt", weights_only=True)
+    for name in a:
+        assert torch.equal(a[name], b[name]), name
+    saved, _ = load_model(out)
+    assert all(torch.equal(saved.state_dict()[k], a[k]) for k in a)
+    # the replicas moved away from the common start: gradients were applied, not just broadcast
+    torch.manual_seed(opts.seed)
+    start = TransformerNet(TransformerSpec(width=0.25)).state_dict()
+    assert any(not torch.equal(start[k], a[k]) for k in a)
+    assert sorted(p.name for p in out.parent.iterdir()) == ["m.pt", "m.pt.ckpt"]
