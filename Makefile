@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 TORCH ?= torch==2.13.0
 STAMP := $(VENV)/.installed
 
-.PHONY: test demo lint bench clean
+.PHONY: test demo demo-fast lint bench clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -27,9 +27,15 @@ test: lint
 demo: $(STAMP)
 	$(PY) examples/demo.py $(DEMO_ARGS)
 
+# Imports three real pretrained fast-style networks (lengstrom/fast-style-transfer) and applies them to
+# an example photo: out/fast_demo.jpg, the picture in the README. Downloads them once if ../shared is absent.
+demo-fast: $(STAMP)
+	$(PY) examples/fast_demo.py
+
 bench: $(STAMP)
 	$(PY) bench/artistic.py
 	$(PY) bench/photo.py
+	$(PY) bench/fast.py
 
 clean:
 	rm -rf $(VENV) out
