@@ -129,3 +129,10 @@ def test_export_torchscript_from_the_command_line(tmp_path, model_path, capsys):
     net, _ = load_model(model_path)
     x = torch.rand(1, 3, 29, 41)
     assert torch.allclose(torch.jit.load(str(exported))(x), net(x).clamp(0, 1), atol=1e-6)
+
+
+def test_info_prints_a_models_network_and_origin(model_path, capsys):
+    assert main(["info", str(model_path)]) == 0
+    out = capsys.readouterr().out
+    assert "network:\n" in out and "  width: 0.25\n" in out and "  upsample: nearest\n" in out
+    assert "style: test\n" in out

@@ -277,13 +277,15 @@ def _check_resume(meta: dict[str, Any], now: dict[str, Any], directory: str) -> 
 
 
 def add_info(sub: Any) -> None:
-    p = sub.add_parser("info", help="print the parameters stored in an output image")
-    p.add_argument("image")
+    p = sub.add_parser("info", help="print the parameters stored in an output image or a fast-style model")
+    p.add_argument("image", help="a PNG/JPEG written by impasto, or a model file (.pt)")
     p.add_argument("--json", action="store_true", help="print them as JSON")
     p.set_defaults(run=run_info)
 
 
 def run_info(args: argparse.Namespace) -> int:
+    if Path(args.image).suffix.lower() in (".pt", ".pth"):
+        return _model_info(args)
     meta = images.read_metadata(args.image)
     if meta is None:
         raise ImpastoError(f"{args.image} has no impasto parameters (was it written by impasto as PNG?)")
@@ -297,6 +299,25 @@ def run_info(args: argparse.Namespace) -> int:
         print(f"  {key}: {value}")
     if meta.get("command") in ("stylize", "photo"):
         print("reproduce: " + reproduce_command(meta))
+    return 0
+
+
+def _model_info(args: argparse.Namespace) -> int:
+    """What a fast-style model file says about itself: architecture, style, training or origin."""
+    from .fast.models import read_payload
+
+    payload = read_payload(args.image)
+    info = {"network": payload["spec"], **(payload.get("meta") or {})}
+    if args.json:
+        print(json.dumps(info, indent=2, sort_keys=True, default=str))
+        return 0
+    for key, value in info.items():
+        if isinstance(value, dict):
+            print(f"{key}:")
+            for k, v in sorted(value.items()):
+                print(f"  {k}: {v}")
+        else:
+            print(f"{key}: {value}")
     return 0
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from dataclasses import fields
 from pathlib import Path
@@ -105,6 +106,8 @@ def run_train(args: argparse.Namespace) -> int:
 
     opts = train_options(args)
     refuse_overwriting_inputs(args.output, [opts.style])
+    if os.environ.get("RANK", "0") != "0":  # under torchrun only rank 0 reports (and writes)
+        opts.quiet = True
     bar = _StepBar(opts.quiet)
     try:
         result = train(opts, args.output, getattr(args, "resume", None), [bar])
@@ -122,12 +125,10 @@ def run_train(args: argparse.Namespace) -> int:
 
 
 class _StepBar:
-    """Steps/s, ETA and the loss terms; only in the process that writes (rank 0 under torchrun)."""
+    """Steps/s, ETA and the loss terms (of this process's batches)."""
 
     def __init__(self, quiet: bool) -> None:
-        import os
-
-        self.quiet = quiet or int(os.environ.get("RANK", "0")) != 0
+        self.quiet = quiet
         self.bar: Any = None
 
     def __call__(self, step: int, total: int, terms: dict[str, float]) -> None:
