@@ -186,3 +186,18 @@ def test_ddp_on_gloo_keeps_replicas_identical_and_only_rank0_writes(tmp_path, ph
     start = TransformerNet(TransformerSpec(width=0.25)).state_dict()
     assert any(not torch.equal(start[k], a[k]) for k in a)
     assert sorted(p.name for p in out.parent.iterdir()) == ["m.pt", "m.pt.ckpt"]
+
+
+def test_tensorboard_logs_each_term_and_samples(tmp_path, photos, style_path):
+    accumulator = pytest.importorskip("tensorboard.backend.event_processing.event_accumulator")
+    opts = options(photos, style_path, steps=4, log_dir=str(tmp_path / "logs"), log_every=2, sample_every=2,
+                   tv_weight=1.0)
+    result = train(opts, tmp_path / "m.pt")
+    events = accumulator.EventAccumulator(str(tmp_path / "logs"), size_guidance={"images": 0, "scalars": 0})
+    events.Reload()
+    tags = events.Tags()
+    assert {"loss/loss", "loss/content", "loss/style", "loss/tv"} <= set(tags["scalars"])
+    assert [e.step for e in events.Scalars("loss/loss")] == [1, 2, 4]
+    assert events.Scalars("loss/loss")[-1].value == pytest.approx(result.last["loss"], rel=1e-6)
+    assert {"photos", "stylized"} <= set(tags["images"])
+    assert [e.step for e in events.Images("stylized")] == [1, 2, 4]
