@@ -116,25 +116,43 @@ class PerceptualLoss:
         self, image: torch.Tensor, features: Mapping[str, torch.Tensor]
     ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """Total loss and its weighted terms for `image` whose network features are `features`."""
-        terms: dict[str, torch.Tensor] = {}
-        if self.content_weight and self.content_layer_weights:
-            c = sum(w * content_loss(features[k], self.content_targets[k])
-                    for k, w in self.content_layer_weights.items())
-            terms["content"] = self.content_weight * c  # type: ignore[assignment]
-        if self.style_weight and self.styles:
-            plain: dict[str, torch.Tensor] = {}
-            s = torch.zeros((), device=image.device)
+        return self.combine(image, [self.layer_terms(k, features[k]) for k in self.layers])
+
+    def layer_terms(self, name: str, feature: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        """One layer's layer-weighted content and style errors (None where the layer has none).
+
+        Called during the network's forward pass (see `VGGFeatures(on_feature=...)`), each term's
+        backward then runs right when its layer's does, instead of every Gram gradient at once
+        before the network's backward begins: less memory alive at the peak.
+        """
+        content = style = None
+        w = self.content_layer_weights.get(name)
+        if w is not None and self.content_weight:
+            content = w * content_loss(feature, self.content_targets[name])
+        w = self.style_layer_weights.get(name)
+        if w is not None and self.style_weight and self.styles:
+            flat = feature.float()
+            plain: torch.Tensor | None = None
+            style = torch.zeros((), device=feature.device)
             for t in self.styles:
-                for k, w in self.style_layer_weights.items():
-                    if t.masks is not None:
-                        gram = gram_matrix(features[k].float(), t.masks[k])
-                    else:
-                        if k not in plain:
-                            plain[k] = gram_matrix(features[k].float())
-                        gram = plain[k]
-                    s = s + t.weight * w * style_loss(gram, t.grams[k])
-            terms["style"] = self.style_weight * s
+                if t.masks is not None:
+                    gram = gram_matrix(flat, t.masks[name])
+                else:
+                    plain = gram = plain if plain is not None else gram_matrix(flat)
+                style = style + t.weight * w * style_loss(gram, t.grams[name])
+        return content, style
+
+    def combine(self, image: torch.Tensor, per_layer: Sequence[tuple[torch.Tensor | None, torch.Tensor | None]]
+                ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """Total loss and its weighted terms from the `layer_terms` of every layer, plus TV on `image`."""
+        zero = torch.zeros((), device=image.device)
+        terms: dict[str, torch.Tensor] = {}
+        contents = [c for c, _ in per_layer if c is not None]
+        styles = [s for _, s in per_layer if s is not None]
+        if contents:
+            terms["content"] = self.content_weight * sum(contents, zero)
+        if styles:
+            terms["style"] = self.style_weight * sum(styles, zero)
         if self.tv_weight:
             terms["tv"] = self.tv_weight * tv_loss(image, self.tv_power)
-        total = sum(terms.values(), torch.zeros((), device=image.device))
-        return total, terms
+        return sum(terms.values(), zero), terms

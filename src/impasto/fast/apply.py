@@ -7,6 +7,7 @@ file in a folder is reported and the others are still written.
 from __future__ import annotations
 
 import contextlib
+import copy
 import os
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
@@ -38,8 +39,9 @@ class Stylizer:
             raise ImpastoError("--precision fp16 needs a CUDA device; on the CPU use fp32")
         self.device = device
         self.dtype = torch.float16 if device.type == "cuda" and precision != "fp32" else torch.float32
-        # channels-last lets oneDNN (CPU) and cuDNN (tensor cores) pick their fastest convolutions
-        self.net = net.eval().to(device=device, dtype=self.dtype).to(memory_format=torch.channels_last)  # type: ignore[call-overload]
+        # channels-last lets oneDNN (CPU) and cuDNN (tensor cores) pick their fastest convolutions;
+        # a copy, so the caller's network keeps its own device and precision
+        self.net = copy.deepcopy(net).eval().to(device=device, dtype=self.dtype).to(memory_format=torch.channels_last)  # type: ignore[call-overload]
 
     @torch.inference_mode()
     def __call__(self, batch: torch.Tensor) -> torch.Tensor:
@@ -187,27 +189,48 @@ def stylize_video(stylizer: Stylizer, job: Job, batch_size: int, on_frames: Call
             if on_start is not None:
                 on_start(vin.frames or 0)
             pending: list[Any] = []
+            clock = _FrameClock(vin, "avi" in source.format.name)
             written = 0
 
-            def flush() -> None:
+            def flush(limit: int) -> None:
                 nonlocal written
-                written += _encode_batch(stylizer, pending, vout, sink)
-                if on_frames is not None:
-                    on_frames(len(pending))
-                pending.clear()
+                while len(pending) >= limit and pending:
+                    batch = pending[:batch_size]
+                    del pending[:batch_size]
+                    written += _encode_batch(stylizer, batch, [clock.pts(f) for f in batch], vout, sink)
+                    if on_frames is not None:
+                        on_frames(len(batch))
 
             for packet in source.demux(vin, *(a for a, _ in audio)):
                 if packet.stream.type == "video":
                     pending += packet.decode()
-                    if len(pending) >= batch_size:
-                        flush()
+                    flush(batch_size)
                 elif packet.dts is not None:
                     packet.stream = audio[0][1]
                     sink.mux(packet)
-            if pending:
-                flush()
+            flush(1)
             sink.mux(vout.encode(None))
     return written
+
+
+class _FrameClock:
+    """Output timestamps: each decoded frame's own, in the input's time base, so variable frame rates
+    survive — except where the container has none to give (AVI stores no presentation times; its
+    B-frame H.264 decodes with scrambled ones), or they fail to increase: then one frame period on."""
+
+    def __init__(self, vin: Any, no_pts: bool) -> None:
+        rate = vin.average_rate or vin.guessed_rate or 25
+        self.period = max(1, round(1 / (rate * vin.time_base))) if vin.time_base else 1
+        self.renumber = no_pts
+        self.last: int | None = None
+
+    def pts(self, frame: Any) -> int:
+        if self.renumber or frame.pts is None or (self.last is not None and frame.pts <= self.last):
+            pts = 0 if self.last is None else self.last + self.period
+        else:
+            pts = int(frame.pts)
+        self.last = pts
+        return pts
 
 
 def _video_stream(sink: Any, vin: Any) -> Any:
@@ -221,15 +244,15 @@ def _video_stream(sink: Any, vin: Any) -> Any:
     return stream
 
 
-def _encode_batch(stylizer: Stylizer, frames: list[Any], vout: Any, sink: Any) -> int:
+def _encode_batch(stylizer: Stylizer, frames: list[Any], stamps: list[int], vout: Any, sink: Any) -> int:
     import av
 
     batch = torch.stack([torch.from_numpy(f.to_ndarray(format="rgb24")).permute(2, 0, 1) for f in frames])
     out = stylizer(batch.float().div_(255.0))
     pixels = out.mul(255.0).round_().to(torch.uint8).permute(0, 2, 3, 1).contiguous().numpy()
-    for frame, rgb in zip(frames, pixels, strict=True):
+    for frame, pts, rgb in zip(frames, stamps, pixels, strict=True):
         new = av.VideoFrame.from_ndarray(rgb, format="rgb24")
-        new.pts, new.time_base = frame.pts, frame.time_base
+        new.pts, new.time_base = pts, frame.time_base
         sink.mux(vout.encode(new))
     return len(frames)
 

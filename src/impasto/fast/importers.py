@@ -64,7 +64,7 @@ def import_lengstrom(directory: str | os.PathLike[str]) -> tuple[TransformerNet,
             # TF conv kernels are [kh, kw, in, out], transposed ones [kh, kw, out, in]; torch's Conv2d
             # wants (out, in, kh, kw) and ConvTranspose2d (in, out, kh, kw): the same permutation.
             weight = torch.from_numpy(np.ascontiguousarray(kernel.transpose(3, 2, 0, 1)))
-            if weight.shape != conv.weight.shape or scale.size != norm.weight.numel() != shift.size:
+            if weight.shape != conv.weight.shape or not scale.size == shift.size == norm.weight.numel():
                 raise ImpastoError(f"{directory}: variables {3 * index}..{3 * index + 2} have shapes "
                                    f"{[list(v.shape) for v in (kernel, shift, scale)]}, which do not fit "
                                    f"layer {index + 1} of the network")

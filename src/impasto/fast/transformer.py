@@ -130,7 +130,8 @@ class TransformerNet(nn.Module):
     """Image (N, 3, H, W) in [0, 1] to its stylization, same size, values about [0, 1] (not clamped,
     so training gets gradients everywhere; `stylize` clamps).
 
-    Any H, W >= 4 work: the input is reflection-padded to a multiple of 4 and the output cropped back.
+    Sides of 5 pixels or more work: the input is reflection-padded to a multiple of 4 and the output
+    cropped back (`apply.Stylizer` edge-pads smaller images first).
     """
 
     def __init__(self, spec: TransformerSpec | None = None) -> None:

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections import OrderedDict
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
 import torch
@@ -122,16 +122,26 @@ class VGGFeatures(nn.Module):
             image = image * self.normalization.scale
         return (image - self.get_buffer("mean")) / self.get_buffer("std")
 
-    def forward(self, image: torch.Tensor, layers: Iterable[str] | None = None) -> dict[str, torch.Tensor]:
+    def forward(self, image: torch.Tensor, layers: Iterable[str] | None = None,
+                on_feature: Callable[[str, torch.Tensor], None] | None = None) -> dict[str, torch.Tensor]:
         """Activations of the requested layers; with `layers`, only those, and the pass stops at the
-        deepest of them (training needs only relu2_2 of the content batch, not relu4_3)."""
+        deepest of them (training needs only relu2_2 of the content batch, not relu4_3).
+
+        With `on_feature`, each activation is handed to it as soon as it is computed (and not returned),
+        so a loss can be evaluated layer by layer during the pass.
+        """
         wanted = self.outputs if layers is None else frozenset(layers) & self.outputs
         x = self.normalize(image)
         feats: dict[str, torch.Tensor] = {}
+        seen = 0
         for name, layer in self.layers.named_children():
             x = layer(x)
             if name in wanted:
-                feats[name] = x
-                if len(feats) == len(wanted):
+                seen += 1
+                if on_feature is None:
+                    feats[name] = x
+                else:
+                    on_feature(name, x)
+                if seen == len(wanted):
                     break
         return feats
