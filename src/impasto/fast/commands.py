@@ -10,21 +10,11 @@ from pathlib import Path
 from typing import Any
 
 from .. import __version__
+from ..cli import PROG, _list_of
 from ..errors import EXIT_INTERRUPTED, ImpastoError
 from .train import TrainOptions
 
-PROG = "impasto"
 EXIT_SOME_FAILED = 1
-
-
-def _list(kind: type) -> Any:
-    def parse(text: str) -> list:
-        try:
-            return [kind(v) for v in text.split(",") if v.strip()]
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"expected comma-separated {kind.__name__} values, got {text!r}") from None
-    parse.__name__ = f"list of {kind.__name__}"
-    return parse
 
 
 # --- train ---------------------------------------------------------------------------------------
@@ -68,7 +58,7 @@ def add_train(sub: Any) -> None:
         if kind == "bool":
             p.add_argument(flag, action="store_true", help=help_text or None)
         elif kind.startswith("list["):
-            p.add_argument(flag, type=_list(float if "float" in kind else str), help=help_text)
+            p.add_argument(flag, type=_list_of(float if "float" in kind else str), help=help_text)
         else:
             p.add_argument(flag, type=int if "int" in kind else float if "float" in kind else str, help=help_text)
     p.set_defaults(run=run_train)
