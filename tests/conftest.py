@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
+from pathlib import Path
 
 import pytest
 import torch
@@ -67,3 +68,15 @@ def net():
     torch.manual_seed(0)
     with pytest.warns(ImpastoWarning, match="random"):
         return load_vgg("vgg19", ["relu1_1", "relu2_1"], "avg", "random")
+
+
+@pytest.fixture(scope="session")
+def onnx_cache(tmp_path_factory) -> Path:
+    """One ONNX cache for the whole run: a network exported once is reused, as on a user's machine."""
+    return tmp_path_factory.mktemp("impasto-cache")
+
+
+@pytest.fixture(autouse=True)
+def _private_cache(onnx_cache, monkeypatch) -> None:
+    """Tests never write into the user's ~/.cache."""
+    monkeypatch.setenv("IMPASTO_CACHE", str(onnx_cache))

@@ -13,7 +13,7 @@ import torch.nn.functional as F
 
 from impasto import images
 from impasto.errors import ImpastoError
-from impasto.fast.apply import Failure, Stylizer, plan_jobs, stylize_images, stylize_video
+from impasto.fast.apply import Failure, Stylizer, network_digest, plan_jobs, stylize_images, stylize_video
 from impasto.fast.export import export_model, onnx_difference
 from impasto.fast.transformer import TransformerNet, TransformerSpec
 
@@ -52,7 +52,7 @@ def test_stylizer_keeps_the_size_and_clamps(size, make_scene):
     net = contrasty_net()
     raw_check = copy.deepcopy(net)
     x = make_scene(*size, seed=1)[None] if min(size) >= 4 else torch.rand(1, 3, *size)
-    out = Stylizer(net, CPU)(x)
+    out = Stylizer(net, CPU, runtime="torch")(x)
     assert out.shape == (1, 3, *size)
     assert out.dtype == torch.float32 and out.is_contiguous()
     assert out.min() >= 0 and out.max() <= 1
@@ -66,12 +66,12 @@ def test_stylizer_output_is_clamped_where_the_network_overshoots(make_scene):
     with torch.no_grad():
         raw = net(x)
     assert (raw < 0).any() and (raw > 1).any()  # the premise: clamping has work to do
-    out = Stylizer(net, CPU)(x)
+    out = Stylizer(net, CPU, runtime="torch")(x)
     assert torch.equal(out == 0, raw <= 0) and torch.equal(out == 1, raw >= 1)
 
 
 def test_stylizing_a_batch_equals_stylizing_each_image(make_scene):
-    stylizer = Stylizer(contrasty_net(seed=3), CPU)
+    stylizer = Stylizer(contrasty_net(seed=3), CPU, runtime="torch")
     batch = torch.stack([make_scene(20, 28, seed=s) for s in range(3)])
     batch[2] *= 0.3  # a darker image: per-image instance norm must not let it affect the others
     together = stylizer(batch)
@@ -158,7 +158,7 @@ def test_folder_with_a_corrupt_image(tmp_path, make_scene):
     net = contrasty_net(seed=4)
     ref_net = copy.deepcopy(net)
     done = []
-    failures = stylize_images(Stylizer(net, CPU), jobs, batch_size=4, metadata={"style": "s.png"},
+    failures = stylize_images(Stylizer(net, CPU, runtime="torch"), jobs, batch_size=4, metadata={"style": "s.png"},
                               on_done=lambda job, failure: done.append((job.source.name, failure)))
     assert len(failures) == 1 and isinstance(failures[0], Failure)
     assert failures[0].source == bad
@@ -243,7 +243,7 @@ def test_video_is_stylized_with_its_timing_size_and_audio(tmp_path):
     net = contrasty_net(seed=5)
     ref_net = copy.deepcopy(net)
     started, progress = [], []
-    written = stylize_video(Stylizer(net, CPU), jobs[0], batch_size=5, on_frames=progress.append,
+    written = stylize_video(Stylizer(net, CPU, runtime="torch"), jobs[0], batch_size=5, on_frames=progress.append,
                             on_start=started.append)
     assert written == 12 and started == [12]
     assert progress == [5, 5, 2]  # batches of at most 5, even when the decoder's buffer is flushed at the end
@@ -271,7 +271,7 @@ def test_avi_without_b_frames_becomes_mp4(tmp_path):
     make_video(source, codec="mpeg4", width=64, height=48, frames=6, audio=False)
     (job,) = plan_jobs([source], tmp_path / "out")
     assert job.output == tmp_path / "out" / "old.mp4"
-    assert stylize_video(Stylizer(contrasty_net(), CPU), job, batch_size=4) == 6
+    assert stylize_video(Stylizer(contrasty_net(), CPU, runtime="torch"), job, batch_size=4) == 6
     facts = video_facts(job.output)
     assert (facts["frames"], facts["width"], facts["height"], facts["video_codec"]) == (6, 64, 48, "h264")
 
@@ -281,7 +281,7 @@ def test_avi_with_h264_b_frames(tmp_path):
     source = tmp_path / "cam.avi"
     make_video(source, width=64, height=48, frames=12, audio=False)
     (job,) = plan_jobs([source], tmp_path / "out")
-    assert stylize_video(Stylizer(contrasty_net(), CPU), job, batch_size=4) == 12
+    assert stylize_video(Stylizer(contrasty_net(), CPU, runtime="torch"), job, batch_size=4) == 12
     facts = video_facts(job.output)
     assert facts["frames"] == 12 and facts["rate"] == 12
     assert facts["times"] == pytest.approx([i / 12 for i in range(12)])  # evenly spaced, in order
@@ -341,3 +341,43 @@ def test_unknown_export_format(tmp_path):
     with pytest.raises(ImpastoError, match="unknown export format 'tflite'; choose onnx or torchscript"):
         export_model(contrasty_net(), tmp_path / "x.tflite", "tflite")
     assert not list(tmp_path.iterdir())
+
+
+# ----------------------------------------------------------------------------- ONNX Runtime path
+
+
+def test_onnxruntime_runtime_matches_torch_and_exports_once(onnx_cache):
+    for module in ("onnx", "onnxscript", "onnxruntime"):
+        if importlib.util.find_spec(module) is None:
+            pytest.skip(f"{module} is not installed")
+    net = contrasty_net(seed=11)
+    exports: list = []
+    fast = Stylizer(net, CPU, runtime="auto", on_export=exports.append)
+    assert fast.runtime == "onnxruntime" and len(exports) == 1
+    assert exports[0].parent == onnx_cache / "onnx" and exports[0].is_file()
+    x = torch.rand(3, 3, 37, 53, generator=torch.Generator().manual_seed(0))  # a batch at an odd size
+    torch_out = Stylizer(net, CPU, runtime="torch")(x)
+    assert (fast(x) - torch_out).abs().max() < 1e-3
+    tiny = torch.rand(1, 3, 3, 5)
+    assert fast(tiny).shape == (1, 3, 3, 5)
+    assert (fast(tiny) - Stylizer(net, CPU, runtime="torch")(tiny)).abs().max() < 1e-3
+    # the same weights find the cached file; a damaged one is exported again
+    again = Stylizer(copy.deepcopy(net), CPU, runtime="onnxruntime", on_export=exports.append)
+    assert len(exports) == 1 and again.runtime == "onnxruntime"
+    exports[0].write_bytes(b"damaged")
+    Stylizer(net, CPU, runtime="onnxruntime", on_export=exports.append)
+    assert len(exports) == 2
+    # different weights (or architecture), different file
+    assert network_digest(contrasty_net(seed=12)) != network_digest(net) == exports[0].stem
+    digests = []
+    for padding in ("same", "reflect", "reflect"):
+        torch.manual_seed(0)  # equal weights: only the architecture differs
+        digests.append(network_digest(TransformerNet(TransformerSpec(width=0.25, padding=padding))))
+    assert digests[0] != digests[1] == digests[2]
+
+
+def test_runtime_errors():
+    with pytest.raises(ImpastoError, match="unknown runtime 'tensorrt'; choose auto, torch or onnxruntime"):
+        Stylizer(contrasty_net(), CPU, runtime="tensorrt")
+    with pytest.raises(ImpastoError, match="--runtime onnxruntime runs on the CPU here"):
+        Stylizer(contrasty_net(), torch.device("cuda"), runtime="onnxruntime")

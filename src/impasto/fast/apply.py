@@ -29,29 +29,106 @@ H264_CONTAINERS = frozenset({".mp4", ".mov", ".mkv", ".m4v"})
 MIN_NETWORK_SIDE = 8  # reflection padding in the residual blocks needs 2 pixels at 1/4 scale
 
 
-class Stylizer:
-    """A network ready to stylize batches on a device, in float32 or float16 (CUDA only)."""
+RUNTIMES = ("auto", "torch", "onnxruntime")
 
-    def __init__(self, net: TransformerNet, device: torch.device, precision: str = "auto") -> None:
+
+class Stylizer:
+    """A network ready to stylize batches: on CUDA in PyTorch (float16 by default, channels-last for
+    tensor cores); on the CPU in ONNX Runtime when it is installed (measured 1.6x faster than eager
+    PyTorch at 512 px, 2.2x at 1024 px: docs/benchmarks.md), else in PyTorch.
+
+    The ONNX file is exported once per network and kept in a cache (see `onnx_cache_dir`).
+    """
+
+    def __init__(self, net: TransformerNet, device: torch.device, precision: str = "auto",
+                 runtime: str = "auto", on_export: Callable[[Path], None] | None = None) -> None:
         if precision not in ("auto", "fp32", "fp16"):
             raise ImpastoError(f"unknown precision {precision!r}; choose auto, fp32 or fp16")
         if precision == "fp16" and device.type != "cuda":
             raise ImpastoError("--precision fp16 needs a CUDA device; on the CPU use fp32")
+        if runtime not in RUNTIMES:
+            raise ImpastoError(f"unknown runtime {runtime!r}; choose auto, torch or onnxruntime")
+        if runtime == "onnxruntime" and device.type != "cpu":
+            raise ImpastoError("--runtime onnxruntime runs on the CPU here; use --device cpu or --runtime torch")
         self.device = device
         self.dtype = torch.float16 if device.type == "cuda" and precision != "fp32" else torch.float32
-        # channels-last lets oneDNN (CPU) and cuDNN (tensor cores) pick their fastest convolutions;
+        self.session: Any = None
+        if device.type == "cpu" and (runtime == "onnxruntime" or (runtime == "auto" and _onnx_available())):
+            self.session = _onnx_session(net, on_export)
         # a copy, so the caller's network keeps its own device and precision
-        self.net = copy.deepcopy(net).eval().to(device=device, dtype=self.dtype).to(memory_format=torch.channels_last)  # type: ignore[call-overload]
+        self.net = copy.deepcopy(net).eval().to(device=device, dtype=self.dtype)
+        self.memory_format = torch.channels_last if device.type == "cuda" else torch.contiguous_format
+        self.net.to(memory_format=self.memory_format)  # type: ignore[call-overload]
+
+    @property
+    def runtime(self) -> str:
+        return "onnxruntime" if self.session is not None else "torch"
 
     @torch.inference_mode()
     def __call__(self, batch: torch.Tensor) -> torch.Tensor:
         """(N, 3, H, W) in [0, 1] on any device -> the stylized batch on the CPU, clamped to [0, 1]."""
         h, w = batch.shape[-2:]
-        x = batch.to(device=self.device, dtype=self.dtype, memory_format=torch.channels_last)
+        x = batch.to(device=self.device, dtype=self.dtype, memory_format=self.memory_format)
         if min(h, w) < MIN_NETWORK_SIDE:  # tiny images: edge-replicate to the smallest size the net takes
             x = F.pad(x, (0, max(0, MIN_NETWORK_SIDE - w), 0, max(0, MIN_NETWORK_SIDE - h)), mode="replicate")
+        if self.session is not None:
+            (out,) = self.session.run(None, {"image": x.float().contiguous().numpy()})
+            return torch.from_numpy(out)[..., :h, :w].contiguous()
         y = self.net(x)[..., :h, :w]
         return y.float().clamp_(0.0, 1.0).cpu().contiguous()
+
+
+def _onnx_available() -> bool:
+    import importlib.util
+
+    return all(importlib.util.find_spec(m) is not None for m in ("onnxruntime", "onnxscript", "onnx"))
+
+
+def onnx_cache_dir() -> Path:
+    """Where exported ONNX files are kept: $IMPASTO_CACHE, else $XDG_CACHE_HOME/impasto, else ~/.cache/impasto."""
+    root = os.environ.get("IMPASTO_CACHE") or os.path.join(
+        os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache"), "impasto")
+    return Path(root) / "onnx"
+
+
+def network_digest(net: TransformerNet) -> str:
+    """A hash of a network's architecture and weights: the name of its cached ONNX file."""
+    import hashlib
+    import json
+
+    from .export import OPSET
+
+    digest = hashlib.sha256(json.dumps({"spec": net.spec.to_dict(), "opset": OPSET}, sort_keys=True).encode())
+    for name, tensor in net.state_dict().items():
+        digest.update(name.encode())
+        digest.update(tensor.detach().float().cpu().contiguous().numpy().tobytes())
+    return digest.hexdigest()[:32]
+
+
+def _onnx_session(net: TransformerNet, on_export: Callable[[Path], None] | None) -> Any:
+    """An onnxruntime session for `net`, exporting it into the cache first if needed (or if the cached
+    file is damaged)."""
+    if not _onnx_available():
+        raise ImpastoError("--runtime onnxruntime needs onnx, onnxscript and onnxruntime: "
+                           "pip install 'impasto[export]'")
+    import onnxruntime
+
+    from .export import export_model
+
+    path = onnx_cache_dir() / f"{network_digest(net)}.onnx"
+    for attempt in range(2):
+        if not path.is_file():
+            if on_export is not None:
+                on_export(path)
+            export_model(copy.deepcopy(net), path, "onnx")
+        try:
+            return onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+        except Exception as e:
+            path.unlink(missing_ok=True)
+            if attempt:
+                raise ImpastoError(f"onnxruntime cannot load {path} ({type(e).__name__}); "
+                                   "use --runtime torch") from None
+    raise AssertionError("unreachable")
 
 
 @dataclass

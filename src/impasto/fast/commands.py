@@ -150,6 +150,9 @@ def add_apply(sub: Any) -> None:
     p.add_argument("--device", choices=["auto", "cpu", "cuda", "mps"], default="auto")
     p.add_argument("--precision", choices=["auto", "fp32", "fp16"], default="auto",
                    help="auto: float16 on CUDA, float32 elsewhere")
+    p.add_argument("--runtime", choices=["auto", "torch", "onnxruntime"], default="auto",
+                   help="auto: ONNX Runtime on the CPU when installed (exported once per model, cached in "
+                        "$IMPASTO_CACHE or ~/.cache/impasto), PyTorch elsewhere")
     p.add_argument("--quiet", "-q", action="store_true", help="no progress bars")
     p.set_defaults(run=run_apply)
 
@@ -166,7 +169,11 @@ def run_apply(args: argparse.Namespace) -> int:
     jobs = plan_jobs(args.inputs, args.output)
     device = resolve_device(args.device)
     net, meta = load_model(args.model, device)
-    stylizer = Stylizer(net, device, args.precision)
+    def exporting(path: Path) -> None:
+        if not args.quiet:
+            print(f"{PROG}: preparing this network for ONNX Runtime (once; cached as {path})", file=sys.stderr)
+
+    stylizer = Stylizer(net, device, args.precision, args.runtime, exporting)
     info = {"impasto": __version__, "command": "apply", "model": str(args.model), "style": meta.get("style")}
     failures: list[Failure] = []
     files = tqdm(total=len(jobs), unit="file", file=sys.stderr, disable=args.quiet, desc="stylizing")
