@@ -12,7 +12,7 @@ import torch
 
 from impasto.artistic import StylizeOptions
 from impasto.losses import content_loss, gram_matrix, style_loss, tv_loss
-from impasto.perceptual import build_loss
+from impasto.perceptual import build_loss, network_objective, to_network_layout
 
 STYLE_LAYERS = ["relu1_1", "relu2_1"]
 CONTENT_LAYERS = ["relu2_1"]
@@ -131,11 +131,13 @@ def test_content_loss_zero_at_content_image_positive_elsewhere(net, make_scene):
     other = make_scene(32, 32, seed=2)
     style = make_scene(32, 32, seed=3)
     loss = build_loss(net, content, [style], small_opts(), contextlib.nullcontext)
-    with torch.no_grad():
-        feats = net(content.unsqueeze(0))
+    with torch.no_grad():  # in the layout the engines feed the network (as build_loss does)
+        feats = net(to_network_layout(content.unsqueeze(0)))
         for k in CONTENT_LAYERS:
             assert float(content_loss(feats[k], loss.content_targets[k])) == 0.0
         _, terms = loss(content.unsqueeze(0), feats)
+        assert float(terms["content"]) == 0.0
+        _, terms = network_objective(net, loss, contextlib.nullcontext)(content.unsqueeze(0))
         assert float(terms["content"]) == 0.0
         _, terms_other = loss(other.unsqueeze(0), net(other.unsqueeze(0)))
     assert float(terms_other["content"]) > 1e-3
