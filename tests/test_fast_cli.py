@@ -136,3 +136,38 @@ def test_info_prints_a_models_network_and_origin(model_path, capsys):
     out = capsys.readouterr().out
     assert "network:\n" in out and "  width: 0.25\n" in out and "  upsample: nearest\n" in out
     assert "style: test\n" in out
+
+
+def test_train_config_values_are_coerced_and_checked(tmp_path, photos, make_texture, capsys):
+    images.save_image(make_texture((0.2, 0.4, 0.8), 40, 40), tmp_path / "style.png")
+    config = tmp_path / "c.yaml"
+    base = (f"style: {tmp_path / 'style.png'}\ndata: {photos}\nweights: random\n"
+            "image_size: 32\nwidth: 0.25\nworkers: 0\n")
+    config.write_text(base + "learning_rate: 1e-3\nsteps: '2'\nbatch_size: 2.0\nstyle_layers: relu1_2,relu2_2\n")
+    assert main(["train", "--config", str(config), "-o", str(tmp_path / "m.pt"), "--quiet"]) == 0
+    options = load_model(tmp_path / "m.pt")[1]["options"]
+    assert options["learning_rate"] == 1e-3 and options["steps"] == 2 and options["batch_size"] == 2
+    assert options["style_layers"] == ["relu1_2", "relu2_2"]
+    capsys.readouterr()
+    config.write_text(base + "keep_checkpoints: 1.5\n")
+    assert main(["train", "--config", str(config), "-o", str(tmp_path / "n.pt")]) == 2
+    assert one_error_line(capsys) == f"impasto: error: {config}: keep-checkpoints must be a whole number, got 1.5"
+
+
+def test_train_refuses_outputs_that_would_clobber(tmp_path, photos, capsys):
+    style = photos / "p0.png"
+    assert main(["train", "--style", str(style), "--data", str(photos), "-o", str(tmp_path)]) == 2
+    assert one_error_line(capsys) == f"impasto: error: -o {tmp_path} is a directory; give the model file to write, " \
+                                     f"e.g. {tmp_path / 'style.pt'}"
+    inside = photos / "model.pt"
+    assert main(["train", "--style", str(style), "--data", str(photos), "-o", str(inside)]) == 2
+    assert "is inside the training data folder" in one_error_line(capsys)
+    assert main(["train", "--style", str(style), "--data", str(tmp_path), "-o", str(style)]) == 2
+    assert "is also an input" in one_error_line(capsys)
+
+
+def test_apply_output_that_is_a_file_is_a_usage_error(tmp_path, model_path, photos, capsys):
+    target = tmp_path / "afile"
+    target.write_text("x")
+    assert main(["apply", str(model_path), str(photos), "-o", str(target)]) == 2
+    assert one_error_line(capsys) == f"impasto: error: -o {target} is a file; give a directory for the results"

@@ -172,7 +172,11 @@ def _ddp_worker(rank: int, world: int, port: int, opts: TrainOptions, out: str, 
 
 
 def test_ddp_on_gloo_keeps_replicas_identical_and_only_rank0_writes(tmp_path, photos, style_path):
-    opts = options(photos, style_path, steps=3, checkpoint_every=2)
+    # two unreadable files among 12, one image per rank and step, a whole epoch: some step has a rank
+    # without a batch, and the ranks must skip it together (one stepping alone would pair mismatched all-reduces)
+    (photos / "bad1.jpg").write_bytes(b"junk")
+    (photos / "nested" / "bad2.png").write_bytes(b"junk")
+    opts = options(photos, style_path, steps=6, batch_size=1, checkpoint_every=2)
     out = tmp_path / "out" / "m.pt"
     torch.multiprocessing.spawn(_ddp_worker, args=(2, _free_port(), opts, str(out), str(tmp_path)), nprocs=2)
     a = torch.load(tmp_path / "rank0.pt", weights_only=True)
@@ -201,3 +205,32 @@ def test_tensorboard_logs_each_term_and_samples(tmp_path, photos, style_path):
     assert events.Scalars("loss/loss")[-1].value == pytest.approx(result.last["loss"], rel=1e-6)
     assert {"photos", "stylized"} <= set(tags["images"])
     assert [e.step for e in events.Images("stylized")] == [1, 2, 4]
+
+
+def test_all_unreadable_data_is_an_error_not_a_model(tmp_path, style_path):
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    for i in range(4):
+        (bad / f"{i}.jpg").write_bytes(b"junk")
+    with pytest.raises(ImpastoError, match=r"none of the images read in .*bad could be used, e\.g\. .*0\.jpg"):
+        train(options(bad, style_path, steps=2), tmp_path / "m.pt")
+    assert not (tmp_path / "m.pt").exists()
+
+
+def test_a_fresh_run_refuses_an_earlier_runs_checkpoints(tmp_path, photos, style_path):
+    train(options(photos, style_path, steps=2), tmp_path / "m.pt")
+    with pytest.raises(ImpastoError, match=r"m\.pt\.ckpt holds checkpoints of an earlier run; continue it with"):
+        train(options(photos, style_path, steps=3), tmp_path / "m.pt")
+    with pytest.raises(ImpastoError, match=r"m\.pt is a finished model, not a training checkpoint"):
+        train(options(photos, style_path, steps=3), tmp_path / "m.pt", resume=tmp_path / "m.pt")
+
+
+def test_training_reads_16_bit_photos_at_their_brightness(tmp_path):
+    from PIL import Image
+
+    from impasto.fast.train import PhotoFolder
+
+    ramp = (np.linspace(0, 65535, 64 * 64).reshape(64, 64)).astype(np.uint16)
+    Image.fromarray(ramp).save(tmp_path / "deep.png")
+    crop, _ = PhotoFolder([tmp_path / "deep.png"], 32, (1.0, 1.0), 0)[(0, 0)]
+    assert crop is not None and abs(float(crop.mean()) - 0.5) < 0.1

@@ -32,7 +32,7 @@ def load_image(path: str | os.PathLike[str]) -> torch.Tensor:
         raise ImpastoError(f"expected an image file, got a directory: {p}")
     try:
         with Image.open(p) as im:
-            rgb = _to_rgb(ImageOps.exif_transpose(im))
+            rgb = to_rgb(ImageOps.exif_transpose(im))
     except Image.DecompressionBombError:
         raise ImpastoError(f"image too large to load safely: {p}") from None
     except UnidentifiedImageError:
@@ -45,7 +45,7 @@ def load_image(path: str | os.PathLike[str]) -> torch.Tensor:
     return pil_to_tensor(rgb)
 
 
-def _to_rgb(im: Image.Image) -> Image.Image:
+def to_rgb(im: Image.Image) -> Image.Image:
     if im.mode in ("RGBA", "LA", "PA") or (im.mode == "P" and "transparency" in im.info):
         rgba = im.convert("RGBA")
         background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))

@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 
 from .. import images
-from ..errors import ImpastoError
+from ..errors import ImpastoError, warn
 from ..files import atomic_path
 from .transformer import TransformerNet
 
@@ -53,8 +53,13 @@ class Stylizer:
         self.device = device
         self.dtype = torch.float16 if device.type == "cuda" and precision != "fp32" else torch.float32
         self.session: Any = None
-        if device.type == "cpu" and (runtime == "onnxruntime" or (runtime == "auto" and _onnx_available())):
+        if device.type == "cpu" and runtime == "onnxruntime":
             self.session = _onnx_session(net, on_export)
+        elif device.type == "cpu" and runtime == "auto" and _onnx_available():
+            try:
+                self.session = _onnx_session(net, on_export)
+            except (ImpastoError, OSError) as e:  # e.g. an unwritable cache: PyTorch still works
+                warn(f"ONNX Runtime unavailable ({e}); using PyTorch")
         # a copy, so the caller's network keeps its own device and precision
         self.net = copy.deepcopy(net).eval().to(device=device, dtype=self.dtype)
         self.memory_format = torch.channels_last if device.type == "cuda" else torch.contiguous_format
@@ -147,6 +152,8 @@ def plan_jobs(inputs: Sequence[str | os.PathLike[str]], outdir: str | os.PathLik
     their container holds H.264 already. Fails before any work on a missing input or a name clash.
     """
     out = Path(outdir)
+    if out.exists() and not out.is_dir():
+        raise ImpastoError(f"-o {out} is a file; give a directory for the results")
     jobs: list[Job] = []
     for given in inputs:
         src = Path(given)
@@ -317,6 +324,7 @@ def _video_stream(sink: Any, vin: Any) -> Any:
     # 4:2:0 chroma needs even sides; odd-size videos keep full chroma so the size is exact
     stream.pix_fmt = "yuv420p" if stream.width % 2 == 0 and stream.height % 2 == 0 else "yuv444p"
     stream.time_base = vin.time_base
+    stream.codec_context.time_base = vin.time_base  # else the encoder rounds each pts to 1/rate (VFR video)
     stream.options = {"crf": "18", "preset": "medium"}
     return stream
 

@@ -95,7 +95,13 @@ def run_train(args: argparse.Namespace) -> int:
     from .train import train
 
     opts = train_options(args)
-    refuse_overwriting_inputs(args.output, [opts.style])
+    output = Path(args.output)
+    if output.is_dir():
+        raise ImpastoError(f"-o {output} is a directory; give the model file to write, e.g. {output / 'style.pt'}")
+    given = [opts.style, getattr(args, "config", None), getattr(args, "resume", None), opts.weights]
+    refuse_overwriting_inputs(output, [p for p in given if p and p != "random"])
+    if opts.data and Path(opts.data).is_dir() and output.resolve().is_relative_to(Path(opts.data).resolve()):
+        raise ImpastoError(f"-o {output} is inside the training data folder {opts.data}; write the model elsewhere")
     if os.environ.get("RANK", "0") != "0":  # under torchrun only rank 0 reports (and writes)
         opts.quiet = True
     bar = _StepBar(opts.quiet)
@@ -105,12 +111,13 @@ def run_train(args: argparse.Namespace) -> int:
         bar.close()
     if result.interrupted:
         where = opts.checkpoint_dir or f"{args.output}.ckpt"
-        print(f"{PROG}: interrupted at step {result.step}/{result.total}; continue with --resume {where}",
-              file=sys.stderr)
+        if not opts.quiet or os.environ.get("RANK", "0") == "0":
+            print(f"{PROG}: interrupted at step {result.step}/{result.total}; continue with --resume {where}",
+                  file=sys.stderr)
         return EXIT_INTERRUPTED
     if not opts.quiet:
-        print(f"wrote {args.output} ({result.step} steps, loss {result.last.get('loss', float('nan')):.5g})",
-              file=sys.stderr)
+        done = f"loss {result.last['loss']:.5g}" if result.last else "nothing left to train"
+        print(f"wrote {args.output} ({result.step} steps, {done})", file=sys.stderr)
     return 0
 
 

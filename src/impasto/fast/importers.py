@@ -38,7 +38,11 @@ def read_deeplearnjs(directory: str | os.PathLike[str]) -> list[np.ndarray]:
         entry = manifest.get(name) if isinstance(manifest, dict) else None
         if not isinstance(entry, dict) or "filename" not in entry or "shape" not in entry:
             raise ImpastoError(f"{manifest_path} has no entry for {name}; is this a lengstrom fast-style network?")
-        arrays.append(_read_variable(root / entry["filename"], [int(s) for s in entry["shape"]], name))
+        try:
+            shape = [int(s) for s in entry["shape"]]
+        except (TypeError, ValueError):
+            raise ImpastoError(f"{manifest_path}: {name} has shape {entry['shape']!r}, not a list of sizes") from None
+        arrays.append(_read_variable(root / str(entry["filename"]), shape, name))
     return arrays
 
 
@@ -60,6 +64,9 @@ def import_lengstrom(directory: str | os.PathLike[str]) -> tuple[TransformerNet,
     with torch.no_grad():
         for index, layer in enumerate(layers):
             kernel, shift, scale = variables[3 * index: 3 * index + 3]
+            if kernel.ndim != 4:
+                raise ImpastoError(f"{directory}: variable {3 * index} has shape {list(kernel.shape)}, "
+                                   f"not a convolution kernel for layer {index + 1}")
             conv, norm = layer.conv, layer.norm
             # TF conv kernels are [kh, kw, in, out], transposed ones [kh, kw, out, in]; torch's Conv2d
             # wants (out, in, kh, kw) and ConvTranspose2d (in, out, kh, kw): the same permutation.

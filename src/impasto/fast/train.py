@@ -25,7 +25,7 @@ from ..files import atomic_write
 from ..losses import PerceptualLoss, StyleTarget, gram_matrix
 from ..nets import VGGFeatures, load_vgg
 from ..perceptual import check_min_size, perceptual_loss, resolve_device
-from .models import model_payload, save_model
+from .models import FORMAT, model_payload, save_model
 from .transformer import TransformerNet, TransformerSpec
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff")
@@ -84,7 +84,8 @@ class TrainOptions:
         unknown = sorted(set(clean) - names)
         if unknown:
             raise ImpastoError(f"unknown option {unknown[0]!r} in {source}")
-        return cls(**clean)
+        kinds = {f.name: str(f.type) for f in fields(cls)}
+        return cls(**{k: _coerce(k, v, kinds[k], source) for k, v in clean.items()})
 
     def check(self) -> None:
         for name in ("image_size", "batch_size", "epochs", "checkpoint_every", "log_every", "sample_every"):
@@ -103,6 +104,44 @@ class TrainOptions:
             raise ImpastoError(f"style image not found: {self.style or '(none given; use --style)'}")
         if not self.data or not Path(self.data).is_dir():
             raise ImpastoError(f"training data folder not found: {self.data or '(none given; use --data)'}")
+
+
+def _coerce(name: str, value: Any, kind: str, source: str) -> Any:
+    """A config value as its option's type: YAML reads `1e-3` as a string and `3.0` as a float, and a
+    list option may be given as one value or a comma-separated string."""
+    optional, base = kind.endswith("| None"), kind.replace(" | None", "")
+    flag = name.replace("_", "-")
+
+    def bad(what: str) -> ImpastoError:
+        return ImpastoError(f"{source}: {flag} must be {what}, got {value!r}")
+
+    if value is None:
+        if optional:
+            return None
+        raise bad("given a value")
+    if base == "bool":
+        if not isinstance(value, bool):
+            raise bad("true or false")
+        return value
+    if base.startswith("list["):
+        items = value.split(",") if isinstance(value, str) else value if isinstance(value, list) else [value]
+        item_kind = "float" if "float" in base else "str"
+        return [_coerce(name, v.strip() if isinstance(v, str) else v, item_kind, source) for v in items]
+    if base in ("int", "float"):
+        if isinstance(value, bool) or not isinstance(value, (int, float, str)):
+            raise bad("a number")
+        try:
+            number = float(value)
+        except ValueError:
+            raise bad("a number") from None
+        if base == "float":
+            return number
+        if not number.is_integer():
+            raise bad("a whole number")
+        return int(number)
+    if isinstance(value, (list, dict, bool)):
+        raise bad("a single value")
+    return str(value)
 
 
 # --- data ----------------------------------------------------------------------------------------
@@ -132,7 +171,7 @@ class PhotoFolder(torch.utils.data.Dataset):
         try:
             with Image.open(path) as f:
                 f.draft("RGB", (2 * self.size, 2 * self.size))  # JPEG: decode big photos at a reduced scale
-                im = ImageOps.exif_transpose(f).convert("RGB")
+                im = images.to_rgb(ImageOps.exif_transpose(f))  # 16-bit and alpha as load_image does
                 box = random_crop_box(im.width, im.height, rng, self.crop_scale)
                 crop = im.resize((self.size, self.size), Image.Resampling.BICUBIC, box=box, reducing_gap=2.0)
         except (OSError, UnidentifiedImageError, ValueError, Image.DecompressionBombError):
@@ -214,8 +253,9 @@ def train_step(net: nn.Module, vgg: VGGFeatures, loss: PerceptualLoss, batch: to
     total, terms = replace(loss, content_targets=content)(out, vgg(out))
     optimizer.zero_grad(set_to_none=True)
     total.backward()
+    values = {"loss": float(total.detach()), **{k: float(v.detach()) for k, v in terms.items()}}
     optimizer.step()
-    return {"loss": float(total.detach()), **{k: float(v.detach()) for k, v in terms.items()}}
+    return values
 
 
 # --- the run -------------------------------------------------------------------------------------
@@ -255,6 +295,17 @@ def _join_process_group(device: torch.device) -> _Ranks:
     return _Ranks(dist.get_rank(), dist.get_world_size(), created)
 
 
+def _all_ranks_have(ok: bool, ranks: _Ranks, device: torch.device) -> bool:
+    """Whether every rank has a batch this step (under DDP all must step together, or none)."""
+    if ranks.world == 1:
+        return ok
+    import torch.distributed as dist
+
+    flag = torch.tensor([1 if ok else 0], device=device)
+    dist.all_reduce(flag, op=dist.ReduceOp.MIN)
+    return bool(flag.item())
+
+
 def _device(opts: TrainOptions) -> torch.device:
     device = resolve_device(opts.device)
     if device.type == "cuda" and "LOCAL_RANK" in os.environ:
@@ -287,6 +338,10 @@ def _train(opts: TrainOptions, output: Path, resume: str | os.PathLike[str] | No
     torch.manual_seed(opts.seed)
     net = TransformerNet(TransformerSpec(width=opts.width)).to(device)
     optimizer = torch.optim.Adam(net.parameters(), lr=opts.learning_rate)
+    ckpt_dir = Path(opts.checkpoint_dir or f"{output}.ckpt")
+    if resume is None and any(ckpt_dir.glob(CHECKPOINT_GLOB)):
+        raise ImpastoError(f"{ckpt_dir} holds checkpoints of an earlier run; continue it with --resume {ckpt_dir}, "
+                           "or remove them (or choose --checkpoint-dir) to start afresh")
     step = _resume(resume, opts, net, optimizer, device) if resume is not None else 0
     vgg = load_vgg(opts.model, [*opts.content_layers, *opts.style_layers], opts.pooling, opts.weights,
                    opts.weights_format, device)
@@ -305,19 +360,23 @@ def _train(opts: TrainOptions, output: Path, resume: str | os.PathLike[str] | No
     if ranks.world > 1:
         model = nn.parallel.DistributedDataParallel(net, device_ids=[device.index] if device.type == "cuda" else None)
     writer = _Writer(opts, step) if ranks.main else None
-    ckpt_dir = Path(opts.checkpoint_dir or f"{output}.ckpt")
     result = TrainResult(net, step, sampler.total)
     meta = {"style": Path(opts.style).name, "options": opts.to_dict()}
+    trained = 0
     try:
         for batch, skipped in loader:
             result.skipped.update(skipped)
-            if batch is not None:
+            terms = None
+            if _all_ranks_have(batch is not None, ranks, device):  # a rank that skipped alone would hang DDP
+                assert batch is not None
                 batch = batch.to(device, non_blocking=True)
                 model.train()
-                result.last = train_step(model, vgg, loss, batch, optimizer)
+                terms = train_step(model, vgg, loss, batch, optimizer)
+            step = result.step = step + 1  # committed: the weights are now those after this step
+            if terms is not None:
+                result.last, trained = terms, trained + 1
                 if writer is not None:
-                    writer.log(step + 1, result.last, batch, net)
-            step = result.step = step + 1
+                    writer.log(step, terms, batch, net)
             for callback in callbacks:
                 callback(step, sampler.total, {**result.last, "skipped": float(len(result.skipped))})
             if ranks.main and step % opts.checkpoint_every == 0 and step < sampler.total:
@@ -327,6 +386,9 @@ def _train(opts: TrainOptions, output: Path, resume: str | os.PathLike[str] | No
     finally:
         if writer is not None:
             writer.close()
+    if trained == 0 and not result.interrupted and result.skipped:
+        raise ImpastoError(f"none of the images read in {opts.data} could be used, e.g. {min(result.skipped)}; "
+                           "nothing was trained")
     if ranks.main:
         save_checkpoint(ckpt_dir, net, optimizer, step, opts, meta)
         if not result.interrupted:
@@ -369,8 +431,13 @@ def _resume(path: str | os.PathLike[str], opts: TrainOptions, net: TransformerNe
     file = latest_checkpoint(path)
     try:
         payload = torch.load(file, map_location=device, weights_only=True)
+        if isinstance(payload, dict) and payload.get("format") == FORMAT:
+            raise ImpastoError(f"{file} is a finished model, not a training checkpoint; resume from its checkpoint "
+                               f"directory (by default {file}.ckpt)")
         saved, step = payload["options"], int(payload["step"])
         state, optim_state = payload["model"]["state_dict"], payload["optimizer"]
+    except ImpastoError:
+        raise
     except Exception as e:
         raise ImpastoError(f"cannot read checkpoint {file} ({type(e).__name__}); is it from impasto train?") from None
     now = opts.to_dict()
