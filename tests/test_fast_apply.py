@@ -381,3 +381,55 @@ def test_runtime_errors():
         Stylizer(contrasty_net(), CPU, runtime="tensorrt")
     with pytest.raises(ImpastoError, match="--runtime onnxruntime runs on the CPU here"):
         Stylizer(contrasty_net(), torch.device("cuda"), runtime="onnxruntime")
+
+
+def test_audio_the_container_cannot_hold_is_reencoded_as_aac(tmp_path):
+    av = pytest.importorskip("av")
+    source = tmp_path / "camera.avi"  # an old camera's AVI: MPEG-4 video, ADPCM audio (MP4 cannot hold ADPCM)
+    with av.open(str(source), "w") as out:
+        v = out.add_stream("mpeg4", rate=10)
+        v.width, v.height, v.pix_fmt = 64, 48, "yuv420p"
+        a = out.add_stream("adpcm_ima_wav", rate=22050)
+        a.layout = "mono"
+        for i in range(10):
+            for p in v.encode(av.VideoFrame.from_ndarray(np.full((48, 64, 3), i * 20, np.uint8), format="rgb24")):
+                out.mux(p)
+        tone = (0.3 * np.sin(2 * np.pi * 440 * np.arange(22050) / 22050) * 32767).astype(np.int16)[None]
+        frame = av.AudioFrame.from_ndarray(tone, format="s16", layout="mono")
+        frame.sample_rate = 22050
+        for f in av.AudioResampler(format=a.codec_context.format.name, layout="mono", rate=22050).resample(frame):
+            for p in a.encode(f):
+                out.mux(p)
+        for p in [*a.encode(None), *v.encode(None)]:
+            out.mux(p)
+    (job,) = plan_jobs([source], tmp_path / "out")
+    assert stylize_video(Stylizer(contrasty_net(), CPU, runtime="torch"), job, batch_size=4) == 10
+    facts = video_facts(job.output)
+    assert facts["frames"] == 10 and len(facts["audio"]) == 1
+    codec, rate, duration = facts["audio"][0]
+    assert codec == "aac" and rate == 22050 and duration == pytest.approx(1.0, abs=0.1)
+
+
+def test_variable_frame_rate_keeps_every_timestamp(tmp_path):
+    av = pytest.importorskip("av")
+    from fractions import Fraction as Q
+
+    source = tmp_path / "vfr.mkv"
+    times_ms = [0, 10, 20, 30, 200, 210, 500, 800, 810, 1000]
+    with av.open(str(source), "w") as out:
+        v = out.add_stream("libx264", rate=30)
+        v.width, v.height, v.pix_fmt = 64, 48, "yuv420p"
+        v.codec_context.time_base = Q(1, 1000)
+        for i, ms in enumerate(times_ms):
+            frame = av.VideoFrame.from_ndarray(np.full((48, 64, 3), i * 20, np.uint8), format="rgb24")
+            frame.pts, frame.time_base = ms, Q(1, 1000)
+            for p in v.encode(frame):
+                out.mux(p)
+        for p in v.encode(None):
+            out.mux(p)
+    before = video_facts(source)["times"]
+    assert before == pytest.approx([t / 1000 for t in times_ms])  # the input really is VFR
+    (job,) = plan_jobs([source], tmp_path / "out")
+    assert job.output.suffix == ".mkv"
+    stylize_video(Stylizer(contrasty_net(), CPU, runtime="torch"), job, batch_size=3)
+    assert video_facts(job.output)["times"] == pytest.approx(before, abs=1e-3)

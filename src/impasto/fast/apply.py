@@ -269,7 +269,7 @@ def stylize_video(stylizer: Stylizer, job: Job, batch_size: int, on_frames: Call
         fmt = {"mkv": "matroska"}.get(fmt, fmt)
         with contextlib.closing(av.open(str(tmp), "w", format=fmt)) as sink:
             vout = _video_stream(sink, vin)
-            audio = [(a, sink.add_stream_from_template(a)) for a in source.streams.audio[:1]]
+            audio = [_AudioRoute(sink, a, av) for a in source.streams.audio[:1]]
             if on_start is not None:
                 on_start(vin.frames or 0)
             pending: list[Any] = []
@@ -285,16 +285,53 @@ def stylize_video(stylizer: Stylizer, job: Job, batch_size: int, on_frames: Call
                     if on_frames is not None:
                         on_frames(len(batch))
 
-            for packet in source.demux(vin, *(a for a, _ in audio)):
+            for packet in source.demux(vin, *(a.source for a in audio)):
                 if packet.stream.type == "video":
                     pending += packet.decode()
                     flush(batch_size)
-                elif packet.dts is not None:
-                    packet.stream = audio[0][1]
-                    sink.mux(packet)
+                else:
+                    audio[0].mux(packet)
             flush(1)
             sink.mux(vout.encode(None))
+            for route in audio:
+                route.close()
     return written
+
+
+class _AudioRoute:
+    """The input's audio into the output: packets copied as they are, or — when the output container
+    cannot hold the codec (e.g. ADPCM from an old camera's AVI into MP4) — decoded and encoded as AAC."""
+
+    def __init__(self, sink: Any, source: Any, av: Any) -> None:
+        self.source, self.sink = source, sink
+        self.resampler: Any = None
+        try:
+            self.stream = sink.add_stream_from_template(source)
+        except (ValueError, av.FFmpegError):
+            rate = source.codec_context.sample_rate or 48000
+            layout = "mono" if source.codec_context.channels == 1 else "stereo"
+            self.stream = sink.add_stream("aac", rate=rate)
+            self.stream.layout = layout
+            self.resampler = av.AudioResampler(format="fltp", layout=layout, rate=rate)
+
+    def mux(self, packet: Any) -> None:
+        if self.resampler is None:
+            if packet.dts is not None:
+                packet.stream = self.stream
+                self.sink.mux(packet)
+            return
+        for frame in packet.decode():
+            self._encode(self.resampler.resample(frame))
+
+    def _encode(self, frames: list[Any]) -> None:
+        for frame in frames:
+            frame.pts = None  # the encoder numbers samples itself
+            self.sink.mux(self.stream.encode(frame))
+
+    def close(self) -> None:
+        if self.resampler is not None:
+            self._encode(self.resampler.resample(None))
+            self.sink.mux(self.stream.encode(None))
 
 
 class _FrameClock:
