@@ -433,3 +433,14 @@ def test_variable_frame_rate_keeps_every_timestamp(tmp_path):
     assert job.output.suffix == ".mkv"
     stylize_video(Stylizer(contrasty_net(), CPU, runtime="torch"), job, batch_size=3)
     assert video_facts(job.output)["times"] == pytest.approx(before, abs=1e-3)
+
+
+def test_folders_skip_dot_files_and_the_output_folder(tmp_path):
+    shots = tmp_path / "shots"
+    (shots / ".thumbs").mkdir(parents=True)
+    for name in ("a.png", "._a.png", ".thumbs/b.png"):
+        (shots / name).write_bytes(b"")
+    (shots / "styled").mkdir()
+    (shots / "styled" / "old.png").write_bytes(b"")  # an earlier run's output inside the input folder
+    jobs = plan_jobs([shots], shots / "styled")
+    assert [j.source.name for j in jobs] == ["a.png"]

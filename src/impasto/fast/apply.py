@@ -158,7 +158,8 @@ def plan_jobs(inputs: Sequence[str | os.PathLike[str]], outdir: str | os.PathLik
     for given in inputs:
         src = Path(given)
         if src.is_dir():
-            found = sorted(p for p in src.rglob("*") if p.is_file() and _kind(p) is not None)
+            found = sorted(p for p in src.rglob("*") if p.is_file() and _kind(p) is not None
+                           and not _hidden(p.relative_to(src)) and not p.resolve().is_relative_to(out.resolve()))
             if not found:
                 raise ImpastoError(f"no images or videos found in {src}")
             jobs += [_job(p, out / src.resolve().name / p.relative_to(src)) for p in found]
@@ -177,6 +178,11 @@ def plan_jobs(inputs: Sequence[str | os.PathLike[str]], outdir: str | os.PathLik
             raise ImpastoError(f"output {job.output} is also an input; choose another -o directory")
         seen[key] = job.source
     return jobs
+
+
+def _hidden(relative: Path) -> bool:
+    """Dot files and folders (macOS `._x.jpg` companions, `.git`): not the user's pictures."""
+    return any(part.startswith(".") for part in relative.parts)
 
 
 def _kind(path: Path) -> str | None:

@@ -148,8 +148,10 @@ def _coerce(name: str, value: Any, kind: str, source: str) -> Any:
 
 
 def find_images(root: str | os.PathLike[str]) -> list[Path]:
-    """Every image file below `root` (by extension), in a stable order."""
-    return sorted(p for p in Path(root).rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
+    """Every image file below `root` (by extension, skipping dot files and folders), in a stable order."""
+    base = Path(root)
+    return sorted(p for p in base.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file()
+                  and not any(part.startswith(".") for part in p.relative_to(base).parts))
 
 
 class PhotoFolder(torch.utils.data.Dataset):
