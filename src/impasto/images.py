@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -21,6 +21,19 @@ from .files import atomic_write
 
 METADATA_KEY = "impasto"
 MIN_SIDE = 2
+
+
+IMAGE_SUFFIXES = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff", ".gif", ".ppm"})
+
+
+def files_below(root: str | os.PathLike[str], suffixes: Iterable[str], skip: Path | None = None) -> list[Path]:
+    """Files below `root` whose extension is in `suffixes`, in a stable order, leaving out dot files and
+    folders (macOS `._x.jpg` companions, `.git`) and anything under `skip` (an output folder inside it)."""
+    base, wanted = Path(root), frozenset(suffixes)
+    skipped = skip.resolve() if skip is not None else None
+    return sorted(p for p in base.rglob("*") if p.suffix.lower() in wanted and p.is_file()
+                  and not any(part.startswith(".") for part in p.relative_to(base).parts)
+                  and not (skipped is not None and p.resolve().is_relative_to(skipped)))
 
 
 def load_image(path: str | os.PathLike[str]) -> torch.Tensor:

@@ -16,18 +16,23 @@ from .optimize import Objective
 
 
 class LossSettings(Protocol):
-    """The loss options the engines have in common (StylizeOptions, PhotoOptions, TrainOptions)."""
+    """The loss weights and layers the engines have in common (StylizeOptions, PhotoOptions, TrainOptions)."""
 
     content_layers: list[str]
     style_layers: list[str]
     content_layer_weights: list[float] | None
     style_layer_weights: list[float] | None
     style_layer_weight_exp: float
-    style_blend_weights: list[float] | None
     content_weight: float
     style_weight: float
     tv_weight: float
     tv_power: float
+
+
+class TargetSettings(LossSettings, Protocol):
+    """What `build_loss` needs beyond the loss weights: how several style images blend."""
+
+    style_blend_weights: list[float] | None
 
 
 def resolve_device(name: str) -> torch.device:
@@ -74,7 +79,7 @@ def check_min_size(net: VGGFeatures, hw: tuple[int, int], what: str) -> None:
 
 
 def build_loss(
-    net: VGGFeatures, content: torch.Tensor, styles: Sequence[torch.Tensor], opts: LossSettings,
+    net: VGGFeatures, content: torch.Tensor, styles: Sequence[torch.Tensor], opts: TargetSettings,
     autocast: Callable[[], Any], regions: Sequence[tuple[torch.Tensor, torch.Tensor]] | None = None,
 ) -> PerceptualLoss:
     """Content features and style Gram matrices, computed once under inference mode.

@@ -22,7 +22,6 @@ from ..errors import ImpastoError, warn
 from ..files import atomic_path
 from .transformer import TransformerNet
 
-IMAGE_SUFFIXES = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff", ".gif", ".ppm"})
 VIDEO_SUFFIXES = frozenset({".mp4", ".mov", ".mkv", ".avi", ".webm", ".m4v", ".mpg", ".mpeg", ".wmv", ".flv"})
 WRITABLE_IMAGE = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff"})
 H264_CONTAINERS = frozenset({".mp4", ".mov", ".mkv", ".m4v"})
@@ -34,8 +33,8 @@ RUNTIMES = ("auto", "torch", "onnxruntime")
 
 class Stylizer:
     """A network ready to stylize batches: on CUDA in PyTorch (float16 by default, channels-last for
-    tensor cores); on the CPU in ONNX Runtime when it is installed (measured 1.6x faster than eager
-    PyTorch at 512 px, 2.2x at 1024 px: docs/benchmarks.md), else in PyTorch.
+    tensor cores); on the CPU in ONNX Runtime when it is installed (measured 1.70x faster than the
+    pytorch/examples way at 512 px, 2.40x at 1024 px: docs/benchmarks.md), else in PyTorch.
 
     The ONNX file is exported once per network and kept in a cache (see `onnx_cache_dir`).
     """
@@ -60,10 +59,11 @@ class Stylizer:
                 self.session = _onnx_session(net, on_export)
             except (ImpastoError, OSError) as e:  # e.g. an unwritable cache: PyTorch still works
                 warn(f"ONNX Runtime unavailable ({e}); using PyTorch")
-        # a copy, so the caller's network keeps its own device and precision
-        self.net = copy.deepcopy(net).eval().to(device=device, dtype=self.dtype)
         self.memory_format = torch.channels_last if device.type == "cuda" else torch.contiguous_format
-        self.net.to(memory_format=self.memory_format)  # type: ignore[call-overload]
+        self.net: TransformerNet | None = None
+        if self.session is None:  # a copy, so the caller's network keeps its own device and precision
+            self.net = copy.deepcopy(net).eval().to(device=device, dtype=self.dtype)
+            self.net.to(memory_format=self.memory_format)  # type: ignore[call-overload]
 
     @property
     def runtime(self) -> str:
@@ -76,7 +76,7 @@ class Stylizer:
         x = batch.to(device=self.device, dtype=self.dtype, memory_format=self.memory_format)
         if min(h, w) < MIN_NETWORK_SIDE:  # tiny images: edge-replicate to the smallest size the net takes
             x = F.pad(x, (0, max(0, MIN_NETWORK_SIDE - w), 0, max(0, MIN_NETWORK_SIDE - h)), mode="replicate")
-        if self.session is not None:
+        if self.net is None:
             (out,) = self.session.run(None, {"image": x.float().contiguous().numpy()})
             return torch.from_numpy(out)[..., :h, :w].contiguous()
         y = self.net(x)[..., :h, :w]
@@ -125,7 +125,7 @@ def _onnx_session(net: TransformerNet, on_export: Callable[[Path], None] | None)
         if not path.is_file():
             if on_export is not None:
                 on_export(path)
-            export_model(copy.deepcopy(net), path, "onnx")
+            export_model(net, path, "onnx")
         try:
             return onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
         except Exception as e:
@@ -158,8 +158,7 @@ def plan_jobs(inputs: Sequence[str | os.PathLike[str]], outdir: str | os.PathLik
     for given in inputs:
         src = Path(given)
         if src.is_dir():
-            found = sorted(p for p in src.rglob("*") if p.is_file() and _kind(p) is not None
-                           and not _hidden(p.relative_to(src)) and not p.resolve().is_relative_to(out.resolve()))
+            found = images.files_below(src, images.IMAGE_SUFFIXES | VIDEO_SUFFIXES, skip=out)
             if not found:
                 raise ImpastoError(f"no images or videos found in {src}")
             jobs += [_job(p, out / src.resolve().name / p.relative_to(src)) for p in found]
@@ -180,14 +179,9 @@ def plan_jobs(inputs: Sequence[str | os.PathLike[str]], outdir: str | os.PathLik
     return jobs
 
 
-def _hidden(relative: Path) -> bool:
-    """Dot files and folders (macOS `._x.jpg` companions, `.git`): not the user's pictures."""
-    return any(part.startswith(".") for part in relative.parts)
-
-
 def _kind(path: Path) -> str | None:
     suffix = path.suffix.lower()
-    return "image" if suffix in IMAGE_SUFFIXES else "video" if suffix in VIDEO_SUFFIXES else None
+    return "image" if suffix in images.IMAGE_SUFFIXES else "video" if suffix in VIDEO_SUFFIXES else None
 
 
 def _job(src: Path, dst: Path) -> Job:
@@ -346,8 +340,7 @@ class _FrameClock:
     B-frame H.264 decodes with scrambled ones), or they fail to increase: then one frame period on."""
 
     def __init__(self, vin: Any, no_pts: bool) -> None:
-        rate = vin.average_rate or vin.guessed_rate or 25
-        self.period = max(1, round(1 / (rate * vin.time_base))) if vin.time_base else 1
+        self.period = max(1, round(1 / (_frame_rate(vin) * vin.time_base))) if vin.time_base else 1
         self.renumber = no_pts
         self.last: int | None = None
 
@@ -360,9 +353,13 @@ class _FrameClock:
         return pts
 
 
+def _frame_rate(vin: Any) -> Any:
+    """The input's average frame rate, else the demuxer's guess, else 25."""
+    return vin.average_rate or vin.guessed_rate or 25
+
+
 def _video_stream(sink: Any, vin: Any) -> Any:
-    rate = vin.average_rate or vin.guessed_rate or 25
-    stream = sink.add_stream("libx264", rate=rate)
+    stream = sink.add_stream("libx264", rate=_frame_rate(vin))
     stream.width, stream.height = vin.codec_context.width, vin.codec_context.height
     # 4:2:0 chroma needs even sides; odd-size videos keep full chroma so the size is exact
     stream.pix_fmt = "yuv420p" if stream.width % 2 == 0 and stream.height % 2 == 0 else "yuv444p"

@@ -30,7 +30,7 @@ _TRAIN_HELP = {
     "image_size": "side of the square training crops",
     "crop_scale": "area fraction range of the random crops, MIN,MAX",
     "steps": "train this many steps (overrides --epochs)",
-    "width": "channel width multiplier of the network (0.5: about 4x fewer FLOPs)",
+    "width": "channel width multiplier of the network (0.5: 3.6x fewer FLOPs)",
     "checkpoint_every": "save model + optimizer state every N steps",
     "checkpoint_dir": "where checkpoints go (default: MODEL.ckpt/)",
     "log_dir": "write TensorBoard logs (each loss term, sample stylizations) here",
@@ -50,8 +50,6 @@ def add_train(sub: Any) -> None:
     p.add_argument("--config", help="YAML file with any of the options below")
     p.add_argument("--resume", metavar="CHECKPOINT", help="continue from a checkpoint file or directory")
     for f in fields(TrainOptions):
-        if f.name == "style_blend_weights":  # one style per network
-            continue
         flag, default, kind = "--" + f.name.replace("_", "-"), getattr(d, f.name), str(f.type)
         shown = "" if default is None else f" (default {','.join(map(str, default)) if isinstance(default, list) else default})"
         help_text = _TRAIN_HELP.get(f.name, "") + shown
@@ -243,12 +241,11 @@ def run_export(args: argparse.Namespace) -> int:
     import torch
 
     from ..files import refuse_overwriting_inputs
-    from .export import export_model, onnx_difference
+    from .export import SUFFIX, export_model, onnx_difference
     from .models import load_model
 
     net, _ = load_model(args.model)
-    suffix = ".onnx" if args.format == "onnx" else ".torchscript.pt"
-    output = Path(args.output or Path(args.model).with_suffix(suffix))
+    output = Path(args.output or Path(args.model).with_suffix(SUFFIX[args.format]))
     refuse_overwriting_inputs(output, [args.model])
     export_model(net, output, args.format)
     message = f"wrote {output}"

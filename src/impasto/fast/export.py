@@ -6,6 +6,7 @@ The exported graph takes (N, 3, H, W) RGB in [0, 1] and returns the stylized ima
 from __future__ import annotations
 
 import contextlib
+import copy
 import io
 import logging
 import os
@@ -20,7 +21,7 @@ from ..files import atomic_write
 from .transformer import TransformerNet
 
 FORMATS = ("onnx", "torchscript")
-SUFFIX = {"onnx": ".onnx", "torchscript": ".pt"}
+SUFFIX = {"onnx": ".onnx", "torchscript": ".torchscript.pt"}
 OPSET = 18
 
 
@@ -30,14 +31,14 @@ class _Clamped(nn.Module):
         self.net = net
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.net(x).clamp(0.0, 1.0)
+        return self.net.stylize(x)
 
 
 def export_model(net: TransformerNet, path: str | os.PathLike[str], fmt: str) -> Path:
-    """Write `net` (on the CPU, float32) to `path` in format `fmt`, atomically."""
+    """Write a float32 CPU copy of `net` to `path` in format `fmt`, atomically (`net` is left as it is)."""
     if fmt not in FORMATS:
         raise ImpastoError(f"unknown export format {fmt!r}; choose onnx or torchscript")
-    module = _Clamped(net.float().cpu().eval())
+    module = _Clamped(copy.deepcopy(net).float().cpu().eval())
     example = torch.rand(1, 3, 64, 96)
     return atomic_write(path, lambda tmp: (_onnx if fmt == "onnx" else _torchscript)(module, example, tmp))
 
@@ -79,5 +80,5 @@ def onnx_difference(net: TransformerNet, path: str | os.PathLike[str], image: to
     session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
     (out,) = session.run(None, {session.get_inputs()[0].name: image.numpy()})
     with torch.inference_mode():
-        ref = net.float().cpu().eval()(image).clamp(0, 1)
+        ref = copy.deepcopy(net).float().cpu().eval().stylize(image)
     return float((torch.from_numpy(out) - ref).abs().max())

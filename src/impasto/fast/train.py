@@ -28,7 +28,6 @@ from ..perceptual import check_min_size, perceptual_loss, resolve_device
 from .models import FORMAT, model_payload, save_model
 from .transformer import TransformerNet, TransformerSpec
 
-IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff")
 CHECKPOINT_GLOB = "checkpoint_*.pt"
 # Options that do not change what is learned: they may differ between a run and its resumption.
 RESUMABLE_CHANGES = frozenset({"epochs", "steps", "checkpoint_every", "keep_checkpoints", "checkpoint_dir",
@@ -51,7 +50,6 @@ class TrainOptions:
     content_layer_weights: list[float] | None = None
     style_layer_weights: list[float] | None = None
     style_layer_weight_exp: float = 1.0
-    style_blend_weights: list[float] | None = None  # one style per network; kept for the shared loss settings
     model: str = "vgg16"
     pooling: str = "max"
     weights: str | None = None
@@ -149,9 +147,7 @@ def _coerce(name: str, value: Any, kind: str, source: str) -> Any:
 
 def find_images(root: str | os.PathLike[str]) -> list[Path]:
     """Every image file below `root` (by extension, skipping dot files and folders), in a stable order."""
-    base = Path(root)
-    return sorted(p for p in base.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file()
-                  and not any(part.startswith(".") for part in p.relative_to(base).parts))
+    return images.files_below(root, images.IMAGE_SUFFIXES)
 
 
 class PhotoFolder(torch.utils.data.Dataset):
@@ -336,7 +332,8 @@ def _train(opts: TrainOptions, output: Path, resume: str | os.PathLike[str] | No
            ranks: _Ranks) -> TrainResult:
     files = find_images(opts.data)
     if not files:
-        raise ImpastoError(f"no images found in {opts.data} (searched recursively for {', '.join(IMAGE_SUFFIXES)})")
+        suffixes = ", ".join(sorted(images.IMAGE_SUFFIXES))
+        raise ImpastoError(f"no images found in {opts.data} (searched recursively for {suffixes})")
     torch.manual_seed(opts.seed)
     net = TransformerNet(TransformerSpec(width=opts.width)).to(device)
     optimizer = torch.optim.Adam(net.parameters(), lr=opts.learning_rate)
