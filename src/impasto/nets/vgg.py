@@ -10,6 +10,7 @@ import torch
 from torch import nn
 
 from ..errors import ImpastoError
+from .winograd import FrozenConv3x3
 
 # Channels per conv layer, "M" for a pooling layer: the layouts of torchvision's `features`.
 _CONFIGS: dict[str, list[int | str]] = {
@@ -95,7 +96,7 @@ class VGGFeatures(nn.Module):
         for name in names:
             if name.startswith("conv"):
                 out_ch = int(next(channels))
-                modules.append((name, nn.Conv2d(in_ch, out_ch, kernel_size=3, padding=1)))
+                modules.append((name, FrozenConv3x3(in_ch, out_ch)))
                 in_ch = out_ch
             elif name.startswith("relu"):
                 conv_captured = name.replace("relu", "conv") in self.outputs

@@ -1,0 +1,95 @@
+"""Winograd F(4x4, 3x3): equal to a direct convolution, forward and backward, and used only where it may be."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from impasto.nets import VGGFeatures
+from impasto.nets.winograd import FrozenConv3x3, WinogradWeights, winograd_conv3x3
+
+
+def _weights(cin: int, cout: int, dtype: torch.dtype = torch.float32, seed: int = 0):
+    g = torch.Generator().manual_seed(seed)
+    w = (torch.randn(cout, cin, 3, 3, generator=g, dtype=torch.float64) * (2 / (9 * cin)) ** 0.5).to(dtype)
+    b = (torch.randn(cout, generator=g, dtype=torch.float64) * 0.1).to(dtype)
+    return w, b
+
+
+@pytest.mark.parametrize("shape", [(1, 5, 8, 8), (3, 4, 13, 9), (2, 6, 12, 20), (1, 3, 1, 1)])
+@pytest.mark.parametrize("with_bias", [True, False])
+def test_forward_equals_a_direct_convolution(shape, with_bias):
+    n, cin, h, w = shape
+    weight, bias = _weights(cin, 7)
+    bias = bias if with_bias else None
+    x = torch.randn(shape, generator=torch.Generator().manual_seed(1))
+    y = winograd_conv3x3(x, WinogradWeights(weight, bias))
+    exact = F.conv2d(x.double(), weight.double(), None if bias is None else bias.double(), padding=1)
+    assert y.shape == (n, 7, h, w) and y.is_contiguous()
+    assert (y.double() - exact).abs().max() <= 2e-5 * exact.abs().max()
+
+
+def test_backward_is_the_exact_adjoint_in_float64():
+    weight, bias = _weights(3, 4, torch.float64)
+    x = torch.randn(2, 3, 7, 10, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda t: winograd_conv3x3(t, WinogradWeights(weight, bias)), (x,))
+
+
+def test_float32_gradient_matches_a_direct_convolution():
+    weight, bias = _weights(16, 8)
+    x = torch.randn(2, 16, 18, 11, generator=torch.Generator().manual_seed(2))
+    g = torch.randn(2, 8, 18, 11, generator=torch.Generator().manual_seed(3))
+    xw = x.clone().requires_grad_(True)
+    (gw,) = torch.autograd.grad(winograd_conv3x3(xw, WinogradWeights(weight, bias)), xw, g)
+    xd = x.double().requires_grad_(True)
+    (gd,) = torch.autograd.grad(F.conv2d(xd, weight.double(), bias.double(), padding=1), xd, g.double())
+    assert (gw.double() - gd).abs().max() <= 2e-5 * gd.abs().max()
+
+
+def _backward_name(conv: FrozenConv3x3, x: torch.Tensor) -> str:
+    return type(conv(x.requires_grad_(True)).grad_fn).__name__
+
+
+def test_frozen_conv_uses_winograd_only_where_it_may():
+    conv = FrozenConv3x3(256, 8).requires_grad_(False)
+    x = torch.randn(1, 256, 8, 8)
+    assert _backward_name(conv, x.clone()).startswith("_WinogradConv3x3")
+    assert _backward_name(conv, torch.randn(1, 256, 7, 16)) == "ConvolutionBackward0"  # too small a map
+    assert _backward_name(conv.double(), x.clone().double()) == "ConvolutionBackward0"
+    conv.float()
+    narrow = FrozenConv3x3(128, 8).requires_grad_(False)
+    assert _backward_name(narrow, torch.randn(1, 128, 16, 16)) == "ConvolutionBackward0"
+    conv.requires_grad_(True)  # weights being trained: the direct convolution, which gives their gradient
+    conv(x).sum().backward()
+    assert conv.weight.grad is not None and conv.weight.grad.abs().sum() > 0
+
+
+def test_frozen_conv_follows_its_weights_when_they_change():
+    conv = FrozenConv3x3(256, 4).requires_grad_(False)
+    x = torch.randn(1, 256, 8, 8)
+    before = conv(x)
+    with torch.no_grad():
+        conv.weight.mul_(2)
+        conv.bias.zero_()
+    after = conv(x)
+    direct = F.conv2d(x, conv.weight, conv.bias, padding=1)
+    assert not torch.allclose(before, after)
+    assert (after - direct).abs().max() <= 2e-5 * direct.abs().max()
+
+
+def test_weights_made_under_inference_mode_serve_a_later_backward():
+    conv = FrozenConv3x3(256, 4).requires_grad_(False)
+    x = torch.randn(1, 256, 8, 8)
+    with torch.inference_mode():
+        conv(x)  # the loss targets are built this way, before the optimization
+    xg = x.clone().requires_grad_(True)
+    conv(xg).pow(2).sum().backward()
+    xd = x.clone().requires_grad_(True)
+    F.conv2d(xd, conv.weight, conv.bias, padding=1).pow(2).sum().backward()
+    assert (xg.grad - xd.grad).abs().max() <= 1e-4 * xd.grad.abs().max()
+
+
+def test_vgg_keeps_torchvision_parameter_names_and_uses_winograd_in_deep_layers():
+    net = VGGFeatures("vgg19", ["relu4_1"])
+    assert "layers.conv3_2.weight" in net.state_dict()
+    convs = {n: m for n, m in net.layers.named_children() if n.startswith("conv")}
+    assert [n for n, m in convs.items() if m.winograd] == ["conv3_2", "conv3_3", "conv3_4", "conv4_1"]
