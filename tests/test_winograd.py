@@ -50,22 +50,22 @@ def _backward_name(conv: FrozenConv3x3, x: torch.Tensor) -> str:
 
 
 def test_frozen_conv_uses_winograd_only_where_it_may():
-    conv = FrozenConv3x3(256, 8).requires_grad_(False)
-    x = torch.randn(1, 256, 8, 8)
+    conv = FrozenConv3x3(256, 256).requires_grad_(False)
+    x = torch.randn(1, 256, 16, 16)
     assert _backward_name(conv, x.clone()).startswith("_WinogradConv3x3")
-    assert _backward_name(conv, torch.randn(1, 256, 7, 16)) == "ConvolutionBackward0"  # too small a map
+    assert _backward_name(conv, torch.randn(1, 256, 15, 32)) == "ConvolutionBackward0"  # too small a map
     assert _backward_name(conv.double(), x.clone().double()) == "ConvolutionBackward0"
     conv.float()
-    narrow = FrozenConv3x3(128, 8).requires_grad_(False)
-    assert _backward_name(narrow, torch.randn(1, 128, 16, 16)) == "ConvolutionBackward0"
+    narrow = FrozenConv3x3(256, 128).requires_grad_(False)
+    assert _backward_name(narrow, torch.randn(1, 256, 16, 16)) == "ConvolutionBackward0"
     conv.requires_grad_(True)  # weights being trained: the direct convolution, which gives their gradient
     conv(x).sum().backward()
     assert conv.weight.grad is not None and conv.weight.grad.abs().sum() > 0
 
 
 def test_frozen_conv_follows_its_weights_when_they_change():
-    conv = FrozenConv3x3(256, 4).requires_grad_(False)
-    x = torch.randn(1, 256, 8, 8)
+    conv = FrozenConv3x3(4, 256).requires_grad_(False)
+    x = torch.randn(1, 4, 16, 16)
     before = conv(x)
     with torch.no_grad():
         conv.weight.mul_(2)
@@ -77,8 +77,8 @@ def test_frozen_conv_follows_its_weights_when_they_change():
 
 
 def test_weights_made_under_inference_mode_serve_a_later_backward():
-    conv = FrozenConv3x3(256, 4).requires_grad_(False)
-    x = torch.randn(1, 256, 8, 8)
+    conv = FrozenConv3x3(4, 256).requires_grad_(False)
+    x = torch.randn(1, 4, 16, 16)
     with torch.inference_mode():
         conv(x)  # the loss targets are built this way, before the optimization
     xg = x.clone().requires_grad_(True)
@@ -92,4 +92,4 @@ def test_vgg_keeps_torchvision_parameter_names_and_uses_winograd_in_deep_layers(
     net = VGGFeatures("vgg19", ["relu4_1"])
     assert "layers.conv3_2.weight" in net.state_dict()
     convs = {n: m for n, m in net.layers.named_children() if n.startswith("conv")}
-    assert [n for n, m in convs.items() if m.winograd] == ["conv3_2", "conv3_3", "conv3_4", "conv4_1"]
+    assert [n for n, m in convs.items() if m.winograd] == ["conv3_1", "conv3_2", "conv3_3", "conv3_4", "conv4_1"]
