@@ -93,3 +93,9 @@ def test_vgg_keeps_torchvision_parameter_names_and_uses_winograd_in_deep_layers(
     assert "layers.conv3_2.weight" in net.state_dict()
     convs = {n: m for n, m in net.layers.named_children() if n.startswith("conv")}
     assert [n for n, m in convs.items() if m.winograd] == ["conv3_1", "conv3_2", "conv3_3", "conv3_4", "conv4_1"]
+
+
+def test_impasto_winograd_0_turns_it_off(monkeypatch):
+    monkeypatch.setenv("IMPASTO_WINOGRAD", "0")
+    conv = FrozenConv3x3(256, 256).requires_grad_(False)
+    assert _backward_name(conv, torch.randn(1, 256, 16, 16)) == "ConvolutionBackward0"

@@ -18,6 +18,7 @@ float32 (oneDNN's own channels-last and NCHW paths differ from each other as muc
 
 from __future__ import annotations
 
+import os
 from collections.abc import Sequence
 
 import torch
@@ -48,10 +49,10 @@ class WinogradWeights:
     """A frozen 3x3 convolution's weights in the transformed domain, with the fixed tile transforms."""
 
     def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None) -> None:
-        g = torch.tensor(_G, dtype=torch.float64, device=weight.device)
+        g = torch.tensor(_G, dtype=weight.dtype, device=weight.device)
         cout, cin = weight.shape[:2]
-        transformed = torch.einsum("ik,ockl,jl->ijoc", g, weight.detach().double(), g)
-        self.mixing = transformed.reshape(SPAN * SPAN, cout, cin).to(weight.dtype).contiguous()
+        transformed = torch.matmul(torch.matmul(g, weight.detach()), g.t())  # (out, in, 6, 6)
+        self.mixing = transformed.permute(2, 3, 0, 1).reshape(SPAN * SPAN, cout, cin)
         self.bias = None if bias is None else bias.detach().clone()
         self.input = _INPUT.to(weight.device, weight.dtype)
         self.input_kernels = self.input.reshape(SPAN * SPAN, 1, SPAN, SPAN)
@@ -134,8 +135,8 @@ class FrozenConv3x3(nn.Conv2d):
     """A 3x3, padding-1 convolution that runs as Winograd F(4x4, 3x3) where that is faster: on the CPU,
     in float32, with frozen weights, at least `MIN_CHANNELS` output channels and feature maps of
     at least `MIN_SIDE` pixels per side. Elsewhere (CUDA, MPS, training the weights, autocast) it is `nn.Conv2d`.
-    The transformed weights (4x the layer's weights) are made on first use and remade when the weights
-    change in place or move."""
+    The transformed weights (4x the layer's weights: 200 MB for VGG19 up to relu5_1) are made on first
+    use and remade when the weights change in place or move. IMPASTO_WINOGRAD=0 turns it off."""
 
     # Measured on a 2-core CPU, forward + backward: 1.5-2.2x from 128->256 to 512->512 channels at 24x32
     # pixels or more; 0.6x at 128->128 (the transforms cost more than they save); 0.9x at 12x16, 0.4x at 8x8.
@@ -144,7 +145,7 @@ class FrozenConv3x3(nn.Conv2d):
 
     def __init__(self, in_channels: int, out_channels: int) -> None:
         super().__init__(in_channels, out_channels, kernel_size=3, padding=1)
-        self.winograd = out_channels >= self.MIN_CHANNELS
+        self.winograd = out_channels >= self.MIN_CHANNELS and os.environ.get("IMPASTO_WINOGRAD", "1") != "0"
         self._cached: tuple[tuple[object, ...], WinogradWeights] | None = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
