@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from impasto import artistic, images
-from impasto.artistic import StylizeOptions, initial_image, output_sizes, stylize_tensors
+from impasto.artistic import StylizeOptions, initial_image, output_sizes, stylize_tensors, with_detail_of
 from impasto.errors import ImpastoError
 from impasto.losses import gram_matrix
 from impasto.nets import VGGFeatures
@@ -368,3 +368,17 @@ def test_images_too_small_for_the_network(net, make_scene, make_texture):
                         net=deep)
     with pytest.raises(ImpastoError, match="a style image is 1x1 pixels"):
         stylize_tensors(content, [style], small_opts(size=32, iterations=1, style_scales=[0.02]), net=net)
+
+
+def test_a_finer_scale_starts_with_the_content_detail_the_coarser_scale_lacked(make_scene):
+    content = make_scene(48, 64, seed=4)
+    start = with_detail_of(content)
+    coarse = images.resize(content, (12, 16))
+    assert torch.allclose(start(coarse, (48, 64)), content, atol=1e-6)  # the content carries over as itself
+    stylized = (coarse * 0.5 + 0.25).clamp(0, 1)
+    fine = start(stylized, (48, 64))
+    plain = images.resize(stylized, (48, 64))
+    detail = content - images.resize(coarse, (48, 64))
+    assert torch.allclose(fine, (plain + detail).clamp(0, 1), atol=1e-6)
+    # the coarse scale's result sets the low frequencies: shrunk back, the start is close to it
+    assert (images.resize(fine, (12, 16)) - stylized).abs().mean() < 0.2 * (coarse - stylized).abs().mean()

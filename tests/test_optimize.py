@@ -10,7 +10,7 @@ import torch
 from impasto.artistic import StylizeOptions, stylize_tensors
 from impasto.errors import ImpastoError, ImpastoWarning
 from impasto.nets import load_vgg
-from impasto.optimize import OptimizerSettings, optimize
+from impasto.optimize import OptimizerSettings, Stage, optimize, run_stages
 
 STYLE_LAYERS = ["relu1_1", "relu2_1"]
 CONTENT_LAYERS = ["relu2_1"]
@@ -250,3 +250,22 @@ def test_stylize_64px_lowers_loss_substantially(net, make_scene, make_texture, n
     assert result.loss <= min(losses)
     assert (result.image - content).abs().mean() > 0.01  # the image really changed
     assert result.image.min() >= 0 and result.image.max() <= 1
+
+
+def test_a_stage_starts_from_its_start_function_of_the_previous_result():
+    first, second = Recorder(squared_distance(0.25)), Recorder(squared_distance(0.75))
+    seen = []
+
+    def start(previous: torch.Tensor, hw: tuple[int, int]) -> torch.Tensor:
+        seen.append((previous.clone(), hw))
+        return torch.full((3, *hw), 0.5)
+
+    stages = [Stage((2, 2), 3, lambda: first, "a", start), Stage((4, 4), 2, lambda: second, "b", start)]
+    out = run_stages(torch.zeros(3, 2, 2), stages, OptimizerSettings("adam", lr=0.1))
+    assert len(seen) == 1  # not for the first stage, whose start is given
+    assert torch.equal(seen[0][0], first.points[int(torch.tensor(first.losses).argmin())][0]) and seen[0][1] == (4, 4)
+    assert torch.equal(second.points[0][0], torch.full((3, 4, 4), 0.5))
+    resumed = Recorder(squared_distance(0.75))
+    stages[1] = Stage((4, 4), 2, lambda: resumed, "b", start)
+    run_stages(torch.zeros(3, 2, 2), stages, OptimizerSettings("adam", lr=0.1), resume=out.state)
+    assert len(seen) == 1  # a resumed stage goes on from its saved image

@@ -171,6 +171,19 @@ def initial_image(content: torch.Tensor, opts: StylizeOptions, hw: tuple[int, in
     return start
 
 
+def with_detail_of(reference: torch.Tensor) -> Callable[[torch.Tensor, tuple[int, int]], torch.Tensor]:
+    """How a coarse scale's result starts the next scale: upsampled, plus the detail that `reference` (the
+    content) has at the finer size and not at the coarser one. A result equal to the content at the coarse
+    scale so becomes the content at the fine one, as a single-scale run starts. Plain upsampling starts the
+    fine scale blurred, and L-BFGS then converged more slowly there than a single-scale run from the content
+    (measured with random VGG weights: 2.4x the time to the same loss, against 1.3x with the detail)."""
+    def start(previous: torch.Tensor, hw: tuple[int, int]) -> torch.Tensor:
+        coarse = images.resize(reference, (previous.shape[-2], previous.shape[-1]))
+        detail = images.resize(reference, hw) - images.resize(coarse, hw)
+        return (images.resize(previous, hw) + detail).clamp(0, 1)
+    return start
+
+
 def loss_network(opts: StylizeOptions, device: torch.device) -> VGGFeatures:
     """The VGG of `opts`, with its weights, cut after the deepest layer the losses use."""
     return load_vgg(opts.model, [*opts.content_layers, *opts.style_layers], opts.pooling, opts.weights,
@@ -220,7 +233,8 @@ def stylize_tensors(
             return network_objective(net, loss, autocast)
         return build
 
-    stages = [Stage(hw, n, objective_at(hw), f"scale {i + 1}/{len(sizes)}" if len(sizes) > 1 else "")
+    carry = with_detail_of(content) if opts.init == "content" else None
+    stages = [Stage(hw, n, objective_at(hw), f"scale {i + 1}/{len(sizes)}" if len(sizes) > 1 else "", carry)
               for i, (hw, n) in enumerate(zip(sizes, iterations, strict=True))]
     start = initial_image(content, opts, sizes[0]) if resume is None else content
     outcome = run_stages(start, stages, settings, callbacks, resume, device)

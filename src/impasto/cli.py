@@ -63,7 +63,7 @@ def add_stylize(sub: Any) -> None:
     p.add_argument("styles", nargs="+", metavar="style", help="one or more style images")
     p.add_argument("-o", "--output", required=True, help="output image (.png keeps the run's parameters)")
     g = _size_group(p, d, "scale")
-    g.add_argument("--scales", type=_list_of(int), help="coarse-to-fine longer sides, e.g. 256,512,1024; the last is the output size")
+    g.add_argument("--scales", type=_list_of(int), help="coarse-to-fine longer sides, e.g. 256,512,1024; the last is the output size; each scale starts from the previous result, upsampled (with --init content: plus the content's finer detail)")
     g.add_argument("--scale-iterations", type=_list_of(int), help="iterations at each scale, e.g. 300,150,50")
     g = p.add_argument_group("styles")
     g.add_argument("--style-blend-weights", type=_list_of(float), nargs="+", help="weight of each style (normalized to sum 1)")

@@ -134,12 +134,13 @@ def _final_evaluation(x: torch.Tensor, objective: Objective, last: dict[str, flo
 @dataclass
 class Stage:
     """One optimization at one size. Artistic scales and photorealistic passes are stages; each
-    stage starts from the previous stage's best image, resized to `size`."""
+    stage starts from the previous stage's best image, resized to `size` (or made by `start`)."""
 
     size: tuple[int, int]
     iterations: int
     objective: Callable[[], Objective]  # builds the stage's targets when the stage starts
     name: str = ""
+    start: Callable[[torch.Tensor, tuple[int, int]], torch.Tensor] | None = None  # (previous result, size) -> start
 
 
 @dataclass
@@ -180,6 +181,8 @@ def run_stages(
     index = first
     for index in range(first, len(stages)):
         stage = stages[index]
+        if index > first and stage.start is not None:  # coming from the previous stage, not from a resume
+            x = stage.start(x, stage.size)
         if tuple(x.shape[-2:]) != tuple(stage.size):
             x = resize(x, stage.size)
         report = _reporter(callbacks, index, stages, done_before)
