@@ -58,6 +58,8 @@ def test_frozen_conv_uses_winograd_only_where_it_may():
     conv.float()
     narrow = FrozenConv3x3(256, 128).requires_grad_(False)
     assert _backward_name(narrow, torch.randn(1, 256, 16, 16)) == "ConvolutionBackward0"
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # autocast decides the convolution's precision itself
+        assert _backward_name(conv, x.clone()) == "ConvolutionBackward0"
     conv.requires_grad_(True)  # weights being trained: the direct convolution, which gives their gradient
     conv(x).sum().backward()
     assert conv.weight.grad is not None and conv.weight.grad.abs().sum() > 0

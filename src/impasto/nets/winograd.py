@@ -131,6 +131,13 @@ def winograd_conv3x3(x: torch.Tensor, weights: WinogradWeights) -> torch.Tensor:
     return _WinogradConv3x3.apply(x, weights)
 
 
+def _cpu_autocast() -> bool:
+    try:
+        return torch.is_autocast_enabled("cpu")
+    except TypeError:  # torch < 2.4 has no device argument
+        return torch.is_autocast_cpu_enabled()
+
+
 class FrozenConv3x3(nn.Conv2d):
     """A 3x3, padding-1 convolution that runs as Winograd F(4x4, 3x3) where that is faster: on the CPU,
     in float32, with frozen weights, at least `MIN_CHANNELS` output channels and feature maps of
@@ -156,7 +163,7 @@ class FrozenConv3x3(nn.Conv2d):
     def _use_winograd(self, x: torch.Tensor) -> bool:
         return (self.winograd and x.device.type == "cpu" and x.dtype == torch.float32
                 and self.weight.dtype == torch.float32 and not self.weight.requires_grad
-                and min(x.shape[-2:]) >= self.MIN_SIDE and not torch.is_autocast_enabled("cpu"))
+                and min(x.shape[-2:]) >= self.MIN_SIDE and not _cpu_autocast())
 
     def _winograd_weights(self) -> WinogradWeights:
         b = self.bias
