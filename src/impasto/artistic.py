@@ -234,7 +234,8 @@ def stylize_tensors(
         return build
 
     carry = with_detail_of(content) if opts.init == "content" else None
-    stages = [Stage(hw, n, objective_at(hw), f"scale {i + 1}/{len(sizes)}" if len(sizes) > 1 else "", carry)
+    stages = [Stage(hw, n, objective_at(hw), f"scale {i + 1}/{len(sizes)}" if len(sizes) > 1 else "",
+                    start=carry)
               for i, (hw, n) in enumerate(zip(sizes, iterations, strict=True))]
     start = initial_image(content, opts, sizes[0]) if resume is None else content
     outcome = run_stages(start, stages, settings, callbacks, resume, device)
