@@ -28,10 +28,11 @@ def test_forward_equals_a_direct_convolution(shape, with_bias):
     assert (y.double() - exact).abs().max() <= 2e-5 * exact.abs().max()
 
 
-def test_backward_is_the_exact_adjoint_in_float64():
+def test_backward_is_the_exact_adjoint_in_float64_and_itself_differentiable():
     weight, bias = _weights(3, 4, torch.float64)
     x = torch.randn(2, 3, 7, 10, dtype=torch.float64, requires_grad=True)
     assert torch.autograd.gradcheck(lambda t: winograd_conv3x3(t, WinogradWeights(weight, bias)), (x,))
+    assert torch.autograd.gradgradcheck(lambda t: winograd_conv3x3(t, WinogradWeights(weight, bias)).pow(2), (x,))
 
 
 def test_float32_gradient_matches_a_direct_convolution():
@@ -60,7 +61,12 @@ def test_frozen_conv_uses_winograd_only_where_it_may():
     assert _backward_name(narrow, torch.randn(1, 256, 16, 16)) == "ConvolutionBackward0"
     with torch.autocast("cpu", dtype=torch.bfloat16):  # autocast decides the convolution's precision itself
         assert _backward_name(conv, x.clone()) == "ConvolutionBackward0"
-    conv.requires_grad_(True)  # weights being trained: the direct convolution, which gives their gradient
+    assert conv(torch.randn(256, 16, 16)).shape == (256, 16, 16)  # unbatched, as nn.Conv2d takes it
+    assert conv(torch.randn(0, 256, 16, 16).requires_grad_(True)).sum().backward() is None  # empty batch
+    conv.bias.requires_grad_(True)  # a trained bias: the direct convolution, which gives its gradient
+    conv(x).sum().backward()
+    assert conv.bias.grad is not None and conv.weight.grad is None
+    conv.requires_grad_(True)  # trained weights
     conv(x).sum().backward()
     assert conv.weight.grad is not None and conv.weight.grad.abs().sum() > 0
 
@@ -76,6 +82,34 @@ def test_frozen_conv_follows_its_weights_when_they_change():
     direct = F.conv2d(x, conv.weight, conv.bias, padding=1)
     assert not torch.allclose(before, after)
     assert (after - direct).abs().max() <= 2e-5 * direct.abs().max()
+    conv.weight.data.mul_(-0.5)  # through .data: the version counter does not see it
+    direct = F.conv2d(x, conv.weight, conv.bias, padding=1)
+    assert (conv(x) - direct).abs().max() <= 2e-5 * direct.abs().max()
+    conv.double().float()  # moved and back: rebuilt, not reused
+    assert conv._cached is None and (conv(x) - direct).abs().max() <= 2e-5 * direct.abs().max()
+
+
+def test_copies_do_not_carry_the_transformed_weights():
+    import copy
+    import io
+    import pickle
+
+    conv = FrozenConv3x3(4, 256).requires_grad_(False)
+    x = torch.randn(1, 4, 16, 16)
+    conv(x)
+    assert conv._cached is not None
+    buffer = io.BytesIO()
+    pickle.dump(conv, buffer)
+    clone = copy.deepcopy(conv)
+    assert clone._cached is None and torch.equal(clone(x), conv(x))
+    assert len(buffer.getvalue()) < 2 * 4 * conv.weight.numel()  # the weights, not 4x more
+
+
+def test_a_network_built_under_inference_mode_runs():
+    with torch.inference_mode():
+        conv = FrozenConv3x3(4, 256).requires_grad_(False)
+        x = torch.randn(1, 4, 16, 16)
+        assert (conv(x) - F.conv2d(x, conv.weight, conv.bias, padding=1)).abs().max() < 1e-4
 
 
 def test_weights_made_under_inference_mode_serve_a_later_backward():

@@ -117,8 +117,7 @@ class _WinogradConv3x3(torch.autograd.Function):
         return y if (h, w) == (th * TILE, tw * TILE) else y[:, :, :h, :w].contiguous()
 
     @staticmethod
-    @torch.autograd.function.once_differentiable
-    def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor, None]:
+    def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor, None]:  # differentiable ops: Hessians work
         weights, (h, w) = ctx.weights, ctx.size
         th, tw = -(-h // TILE), -(-w // TILE)
         gp = _padded(grad, th * TILE, tw * TILE, 0)
@@ -136,6 +135,13 @@ def _cpu_autocast() -> bool:
         return torch.is_autocast_enabled("cpu")
     except TypeError:  # torch < 2.4 has no device argument
         return torch.is_autocast_cpu_enabled()
+
+
+def _fingerprint(t: torch.Tensor) -> tuple[object, ...]:
+    """What changes when a tensor's values do: its storage and version, and its sum, for writes through
+    `.data` (which the version counter does not see). Inference tensors have no version counter."""
+    version = None if t.is_inference() else t._version
+    return t.data_ptr(), version, float(t.detach().sum())
 
 
 class FrozenConv3x3(nn.Conv2d):
@@ -161,14 +167,21 @@ class FrozenConv3x3(nn.Conv2d):
         return super().forward(x)
 
     def _use_winograd(self, x: torch.Tensor) -> bool:
-        return (self.winograd and x.device.type == "cpu" and x.dtype == torch.float32
-                and self.weight.dtype == torch.float32 and not self.weight.requires_grad
+        trained = self.weight.requires_grad or (self.bias is not None and self.bias.requires_grad)
+        return (self.winograd and x.device.type == "cpu" and x.dtype == torch.float32 and x.dim() == 4
+                and x.shape[0] > 0 and self.weight.dtype == torch.float32 and not trained
                 and min(x.shape[-2:]) >= self.MIN_SIDE and not _cpu_autocast())
 
     def _winograd_weights(self) -> WinogradWeights:
-        b = self.bias
-        key = (self.weight.data_ptr(), self.weight._version, None if b is None else (b.data_ptr(), b._version))
+        key = (_fingerprint(self.weight), None if self.bias is None else _fingerprint(self.bias))
         if self._cached is None or self._cached[0] != key:
             with torch.inference_mode(False), torch.no_grad():
-                self._cached = (key, WinogradWeights(self.weight, b))
+                self._cached = (key, WinogradWeights(self.weight, self.bias))
         return self._cached[1]
+
+    def _apply(self, fn, recurse=True):
+        self._cached = None  # .to(), .float(), .cuda(): the weights move or change, so does their transform
+        return super()._apply(fn, recurse)
+
+    def __getstate__(self) -> dict:
+        return {**super().__getstate__(), "_cached": None}  # copies and pickles do not carry the cache
