@@ -66,9 +66,7 @@ def _forward(image: torch.Tensor, w: WinogradWeights, out: torch.Tensor) -> None
     v = F.conv2d(image.unsqueeze(1), w.input_kernels, stride=TILE)  # (C, 36, th, tw): every tile transformed
     th, tw = v.shape[-2:]
     m = torch.matmul(w.mixing, v.view(c, SPAN * SPAN, th * tw).transpose(0, 1))  # (36, out, th*tw)
-    del v  # each temporary is 2.25x a feature map: free it as soon as it is used
     y = (w.output @ m.view(SPAN * SPAN, -1)).view(TILE, TILE, -1, th, tw).permute(2, 3, 0, 4, 1)
-    del m
     tiles = out.view(-1, th, TILE, tw, TILE)
     if w.bias is None:
         tiles.copy_(y)
@@ -82,14 +80,11 @@ def _backward(grad: torch.Tensor, w: WinogradWeights) -> torch.Tensor:
     th, tw = height // TILE, width // TILE
     tiles = grad.view(cout, th, TILE, tw, TILE).permute(2, 4, 0, 1, 3).reshape(TILE * TILE, -1)
     m = (w.output.t() @ tiles).view(SPAN * SPAN, cout, th * tw)
-    del tiles
     v = torch.matmul(w.mixing.transpose(1, 2), m)  # (36, C, th*tw)
-    del m
     c = v.shape[1]
     t = (w.input.t() @ v.view(SPAN * SPAN, -1)).view(SPAN, SPAN, c, th, tw)  # each tile's 6x6 gradient
-    del v
     # Overlap-add: a tile's last two rows/columns land on the first two of the next tile.
-    out = t.new_empty(c, th + 1, TILE, tw + 1, TILE)
+    out = v.new_empty(c, th + 1, TILE, tw + 1, TILE)
     out[:, th].zero_()
     out[:, :th, :, tw].zero_()
     out[:, :th, :, :tw, :] = t[:TILE, :TILE].permute(2, 3, 0, 4, 1)
