@@ -52,7 +52,7 @@ class WinogradWeights:
         g = torch.tensor(_G, dtype=weight.dtype, device=weight.device)
         cout, cin = weight.shape[:2]
         transformed = torch.matmul(torch.matmul(g, weight.detach()), g.t())  # (out, in, 6, 6)
-        self.mixing = transformed.permute(2, 3, 0, 1).reshape(SPAN * SPAN, cout, cin)
+        self.mixing = transformed.permute(2, 3, 0, 1).reshape(SPAN * SPAN, cout, cin).contiguous()  # a view otherwise
         self.bias = None if bias is None else bias.detach().clone()
         self.input = _INPUT.to(weight.device, weight.dtype)
         self.input_kernels = self.input.reshape(SPAN * SPAN, 1, SPAN, SPAN)
