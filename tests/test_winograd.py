@@ -69,7 +69,9 @@ def test_frozen_conv_uses_winograd_only_where_it_may():
     with torch.autocast("cpu", dtype=torch.bfloat16):  # autocast decides the convolution's precision itself
         assert _backward_name(conv, x.clone()) == "ConvolutionBackward0"
     assert conv(torch.randn(256, 16, 16)).shape == (256, 16, 16)  # unbatched, as nn.Conv2d takes it
-    assert conv(torch.randn(0, 256, 16, 16).requires_grad_(True)).sum().backward() is None  # empty batch
+    empty = torch.randn(0, 256, 16, 16, requires_grad=True)
+    conv(empty).sum().backward()  # an empty batch: no error, and an empty gradient
+    assert empty.grad is not None and empty.grad.shape == empty.shape
     conv.bias.requires_grad_(True)  # a trained bias: the direct convolution, which gives its gradient
     conv(x).sum().backward()
     assert conv.bias.grad is not None and conv.weight.grad is None

@@ -5,7 +5,7 @@ Networks", 2016): each 6x6 input tile and each kernel are transformed so that a 
 36 multiplications per channel pair instead of 144. On a 2-core CPU oneDNN's direct convolution
 already runs near the machine's peak, so doing fewer multiplications is the way left to make VGG's deep
 layers (256-512 channels, where the tile transforms are cheap next to the channel mixing) faster:
-measured 1.5-2.2x there, forward and backward. A tile product is three ordinary operations: a
+measured 1.2-2.2x there, forward and backward. A tile product is three ordinary operations: a
 per-channel stride-4 convolution with 36 fixed 6x6 kernels (input transform), one matrix product over
 channels per transformed position, and a fixed 16x36 matrix that turns 36 values back into a 4x4
 output tile. The gradient to the input is the same three steps, each one's adjoint, so backward costs
@@ -151,7 +151,7 @@ class FrozenConv3x3(nn.Conv2d):
     The transformed weights (4x the layer's weights: 200 MB for VGG19 up to relu5_1) are made on first
     use and remade when the weights change in place or move. IMPASTO_WINOGRAD=0 turns it off."""
 
-    # Measured on a 2-core CPU, forward + backward: 1.5-2.2x from 128->256 to 512->512 channels at 24x32
+    # Measured on a 2-core CPU, forward + backward: 1.2-2.2x from 128->256 to 512->512 channels at 24x32
     # pixels or more; 0.6x at 128->128 (the transforms cost more than they save); 0.9x at 12x16, 0.4x at 8x8.
     MIN_CHANNELS = 256
     MIN_SIDE = 16
