@@ -58,6 +58,13 @@ STYLE_LAYERS = list(DEFAULT_STYLE_LAYERS)
 # torchvision's vgg19().features layout: channels per conv, "M" for a max-pooling layer.
 VGG19 = [64, 64, "M", 128, 128, "M", 256, 256, 256, 256, "M", 512, 512, 512, 512, "M", 512, 512, 512, 512, "M"]
 MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+DEVICE = torch.device("cpu")  # bench/gpu.py sets it to run the same measurements on a GPU
+
+
+def sync() -> None:
+    """Wait for the GPU's queued work, so that a timestamp means the work is done."""
+    if DEVICE.type == "cuda":
+        torch.cuda.synchronize()
 
 
 # --- the reference: the PyTorch neural style tutorial, with impasto's loss formulas -------------------
@@ -151,7 +158,7 @@ def get_style_model_and_losses(cnn: nn.Sequential, style_img: torch.Tensor, cont
     content_w = layer_weights(content_layers, None)
     style_w = layer_weights(style_layers, None)
     content_losses, style_losses = [], []
-    model = nn.Sequential(Normalization(MEAN, STD))
+    model = nn.Sequential(Normalization(MEAN, STD).to(content_img.device))
     block, i = 1, 0
     for layer in cnn.children():
         if isinstance(layer, nn.Conv2d):
@@ -218,7 +225,7 @@ def run_reference(model: nn.Module, style_losses: list[StyleLoss], content_losse
 
 
 def build_reference(net: VGGFeatures) -> nn.Sequential:
-    cnn = vgg19_features()
+    cnn = vgg19_features().to(DEVICE)
     copy_weights(cnn, net)
     return cnn
 
@@ -242,23 +249,23 @@ def at_size(content: torch.Tensor, style: torch.Tensor, size: int) -> tuple[torc
     hw = images.size_for_long_side(content.shape[-2], content.shape[-1], size)
     c = images.resize(content, hw)
     s = images.resize(style, images.size_for_width(style.shape[-2], style.shape[-1], hw[1]))
-    return c, s
+    return c.to(DEVICE), s.to(DEVICE)
 
 
 def make_net(seed: int) -> VGGFeatures:
     torch.manual_seed(seed)
-    return load_vgg("vgg19", [*CONTENT_LAYERS, *STYLE_LAYERS], "max", "random", "auto", "cpu")
+    return load_vgg("vgg19", [*CONTENT_LAYERS, *STYLE_LAYERS], "max", "random", "auto", DEVICE)
 
 
 def options(size: int, iterations: int, optimizer: str, **kw: Any) -> StylizeOptions:
-    return StylizeOptions(size=size, iterations=iterations, optimizer=optimizer, weights="random", device="cpu",
-                          **kw)
+    return StylizeOptions(size=size, iterations=iterations, optimizer=optimizer, weights="random",
+                          device=DEVICE.type, **kw)
 
 
 # --- measurements ------------------------------------------------------------------------------------
 
 def time_impasto(net: VGGFeatures, content: torch.Tensor, style: torch.Tensor, size: int, optimizer: str,
-                 n: int) -> tuple[list[float], list[float]]:
+                 n: int, **kw: Any) -> tuple[list[float], list[float]]:
     """Timestamps after each iteration and the loss of each iteration, through stylize_tensors."""
     stamps: list[float] = []
     losses: list[float] = []
@@ -267,7 +274,7 @@ def time_impasto(net: VGGFeatures, content: torch.Tensor, style: torch.Tensor, s
         stamps.append(time.perf_counter())
         losses.append(p.step.loss)
 
-    out = stylize_tensors(content, [style], options(size, n, optimizer), callbacks=[cb], net=net)
+    out = stylize_tensors(content, [style], options(size, n, optimizer, **kw), callbacks=[cb], net=net)
     LAST_IMAGE["impasto"] = out.image
     return stamps, losses
 
@@ -323,11 +330,14 @@ def time_targets(net: VGGFeatures, cnn: nn.Sequential, content: torch.Tensor, st
     opts = options(size, 1, "lbfgs")
     imp, ref = [], []
     for _ in range(repeats):
+        sync()
         t = time.perf_counter()
         build_loss(net, c, [s], opts, contextlib.nullcontext)
+        sync()
         imp.append(time.perf_counter() - t)
         t = time.perf_counter()
         get_style_model_and_losses(cnn, s.unsqueeze(0), c.unsqueeze(0), CONTENT_LAYERS, STYLE_LAYERS)
+        sync()
         ref.append(time.perf_counter() - t)
     return statistics.median(imp), statistics.median(ref)
 

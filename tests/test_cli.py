@@ -27,7 +27,7 @@ from PIL import Image
 from impasto.cli import main
 from impasto.images import read_metadata
 
-FAST = ["--weights", "random", "--pooling", "avg", "--size", "48", "--quiet",
+FAST = ["--weights", "random", "--pooling", "avg", "--size", "48", "--quiet", "--device", "cpu",
         "--style-layers", "relu1_1,relu2_1", "--content-layers", "relu2_1"]
 RANDOM_WARNING = "impasto: warning: using random VGG weights"
 CONTENT_RGB = (0.8, 0.3, 0.2)  # reddish

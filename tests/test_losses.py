@@ -20,7 +20,7 @@ CONTENT_LAYERS = ["relu2_1"]
 
 def small_opts(**kw) -> StylizeOptions:
     return StylizeOptions(content_layers=CONTENT_LAYERS, style_layers=STYLE_LAYERS, weights="random",
-                          pooling="avg", **kw)
+                          pooling="avg", device="cpu", **kw)
 
 
 # --- Gram matrices -------------------------------------------------------------------------------
@@ -152,6 +152,23 @@ def test_style_loss_zero_at_style_image_positive_elsewhere(net, make_scene, make
         _, at_content = loss(content.unsqueeze(0), net(content.unsqueeze(0)))
     assert float(at_style["style"]) < 1e-10
     assert float(at_content["style"]) > 1e-2
+
+
+def test_targets_under_autocast_take_grams_in_float32(net, make_scene, make_texture):
+    """Only the network runs in float16 under --amp: a Gram sums a whole layer, which overflows or rounds
+    away in float16 (on CUDA every style target became inf and the run stopped on NaN). CPU autocast takes
+    the same path, so the float16 run is checked here against the Grams of its own float16 features."""
+    content = make_scene(32, 32, seed=1)
+    style = make_texture((0.7, 0.3, 0.2), 96, 96, seed=4)
+    half = lambda: torch.autocast("cpu", dtype=torch.float16)  # noqa: E731
+    loss = build_loss(net, content, [style], small_opts(), half)
+    with torch.no_grad(), half():
+        feats = net(to_network_layout(style.unsqueeze(0)))
+    for name in STYLE_LAYERS:
+        assert feats[name].dtype == torch.float16
+        exact = gram_matrix(feats[name].double())
+        assert loss.styles[0].grams[name].dtype == torch.float32
+        torch.testing.assert_close(loss.styles[0].grams[name].double(), exact, rtol=1e-6, atol=0)
 
 
 def test_perceptual_loss_total_is_weighted_sum(net, make_scene, make_texture):

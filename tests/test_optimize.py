@@ -240,7 +240,7 @@ def test_stylize_64px_lowers_loss_substantially(net, make_scene, make_texture, n
     content = make_scene(48, 64, seed=0)
     style = make_texture((0.8, 0.2, 0.3), 48, 48, seed=0)
     opts = StylizeOptions(iterations=iterations, size=64, optimizer=name, content_layers=CONTENT_LAYERS,
-                          style_layers=STYLE_LAYERS, weights="random", pooling="avg")
+                          style_layers=STYLE_LAYERS, weights="random", pooling="avg", device="cpu")
     losses = []
     result = stylize_tensors(content, [style], opts, [lambda p: losses.append(p.step.loss)], net=net)
     assert len(losses) == iterations and all(math.isfinite(v) for v in losses)

@@ -49,7 +49,7 @@ def photo_opts(**kw) -> PhotoOptions:
     """Fast options: one pass, no regularizer, no post-processing, unless a test asks for them."""
     defaults = dict(size=32, iterations=20, content_layers=CONTENT_LAYERS, style_layers=STYLE_LAYERS,
                     weights="random", pooling="avg", two_pass=False, affine_weight=0.0, smooth=False,
-                    full_resolution=False)
+                    full_resolution=False, device="cpu")  # bit-exact claims are about CPU runs
     return PhotoOptions(**{**defaults, **kw})
 
 

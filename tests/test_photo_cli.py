@@ -21,7 +21,7 @@ from impasto import images
 from impasto.cli import build_parser, main, options_from_args
 from impasto.photo import PhotoOptions
 
-FAST = ["--weights", "random", "--pooling", "avg", "--size", "32", "--iterations", "3", "--quiet",
+FAST = ["--weights", "random", "--pooling", "avg", "--size", "32", "--iterations", "3", "--quiet", "--device", "cpu",
         "--style-layers", "conv1_1,conv2_1", "--content-layers", "conv2_1"]
 RANDOM_WARNING = "impasto: warning: using random VGG weights"
 

@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from . import cuda_graphs
 from .errors import ImpastoError
 from .images import resize
 
@@ -85,19 +86,26 @@ def optimize(
         done, best_loss = int(resume["iteration"]), float(resume["best_loss"])
         best = resume["best_image"].to(x).clone()
     last: dict[str, float] = {}
+    run: cuda_graphs.Evaluation | None = None  # how an evaluation runs, chosen at the first one
 
-    def evaluate() -> torch.Tensor:
-        nonlocal best, best_loss
+    def eager() -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         opt.zero_grad(set_to_none=True)
         loss, terms = objective(x)
         loss.backward()
-        value = float(loss.detach())
+        return loss, terms
+
+    def evaluate() -> torch.Tensor:
+        nonlocal best, best_loss, run
+        if run is None:
+            run = (cuda_graphs.enabled(x) and cuda_graphs.graphed(objective, x)) or eager
+        loss, terms = run()
+        values = torch.stack([loss.detach(), *(v.detach() for v in terms.values())]).tolist()  # one sync
         last.clear()
-        last.update({k: float(v.detach()) for k, v in terms.items()}, total=value)
-        if value < best_loss:  # the loss belongs to x before this iteration's update
-            best_loss = value
+        last.update(zip(terms, values[1:], strict=True), total=values[0])
+        if values[0] < best_loss:  # the loss belongs to x before this iteration's update
+            best_loss = values[0]
             best = x.detach().clone()
-        return loss.detach()
+        return loss.detach().clone()  # a replayed graph overwrites its own
 
     def state() -> dict:
         return {"image": x.detach().clone(), "optimizer": opt.state_dict(), "iteration": done,

@@ -89,16 +89,21 @@ def build_loss(
     its share of the content's area (so one all-covering class equals the unmasked loss).
     """
     blend = normalized(opts.style_blend_weights or [1.0] * len(styles))
-    with torch.inference_mode(), autocast():
-        feats = net(to_network_layout(content.unsqueeze(0)))
-        content_targets = {k: feats[k].float().clone() for k in opts.content_layers}
+
+    def features(image: torch.Tensor) -> dict[str, torch.Tensor]:
+        with autocast():  # only the network: a Gram's sums over a layer overflow float16
+            return {k: v.float() for k, v in net(to_network_layout(image.unsqueeze(0))).items()}
+
+    with torch.inference_mode():
+        feats = features(content)
+        content_targets = {k: feats[k].clone() for k in opts.content_layers}
         targets = []
         for style, weight in zip(styles, blend, strict=True):
             if weight == 0:
                 continue
-            sf = net(to_network_layout(style.unsqueeze(0)))
+            sf = features(style)
             if regions is None:
-                targets.append(StyleTarget({k: gram_matrix(sf[k].float()) for k in opts.style_layers}, weight))
+                targets.append(StyleTarget({k: gram_matrix(sf[k]) for k in opts.style_layers}, weight))
             else:
                 targets += _region_targets(sf, feats, regions, opts.style_layers, weight)
     for t in targets:  # masks multiply the optimized features, so autograd must be able to save them
@@ -119,7 +124,7 @@ def _region_targets(style_feats: dict[str, torch.Tensor], content_feats: dict[st
     targets = []
     for (content_mask, style_mask), share in zip(regions, shares, strict=True):
         masks = {k: at(content_mask, content_feats[k]) for k in layers}
-        grams = {k: gram_matrix(style_feats[k].float(), at(style_mask, style_feats[k])) for k in layers}
+        grams = {k: gram_matrix(style_feats[k], at(style_mask, style_feats[k])) for k in layers}
         targets.append(StyleTarget(grams, weight * share, masks))
     return targets
 
@@ -154,8 +159,8 @@ def autocast_for(device: torch.device, amp: bool) -> Callable[[], Any]:
     """float16 autocast for the network on CUDA when asked; a no-op context otherwise."""
     import contextlib
 
-    if amp and device.type == "cuda":
-        return lambda: torch.autocast("cuda", dtype=torch.float16)
+    if amp and device.type == "cuda":  # no cache of float16 weights: CUDA graphs record the casts instead
+        return lambda: torch.autocast("cuda", dtype=torch.float16, cache_enabled=False)
     return contextlib.nullcontext
 
 
