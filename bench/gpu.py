@@ -178,16 +178,23 @@ def artistic(args: argparse.Namespace, report: dict) -> None:
         c, s = A.at_size(content, style, size)
         amp_obj = network_objective(net, build_loss(net, c, [s], A.options(size, 1, "lbfgs"),
                                                     autocast_for(A.DEVICE, True)), autocast_for(A.DEVICE, True))
-        with torch.no_grad():
-            last = {t: A.LAST_IMAGE[t].to(A.DEVICE) for t in A.TOOLS}
-            same = max(A.rel(float(imp_obj(last[t].unsqueeze(0))), ref_obj(last[t])) for t in A.TOOLS)
-            image = last["impasto"].unsqueeze(0)
-            amp_rel = A.rel(float(amp_obj(image)[0]), float(imp_obj(image)))
-        results[f"agreement/{size}"] = {"same_image_rel": same, "amp_rel": amp_rel}
-        rows.append([size, f"{same:.1e}", f"{amp_rel:.1e}"])
+        last = {t: A.LAST_IMAGE[t].to(A.DEVICE) for t in A.TOOLS}
+        image = last["impasto"].unsqueeze(0)
+        same = {}
+        for tf32 in (True, False):  # PyTorch's default for convolutions, then plain float32
+            saved = torch.backends.cudnn.allow_tf32
+            torch.backends.cudnn.allow_tf32 = tf32
+            with torch.no_grad():
+                same[tf32] = max(A.rel(float(imp_obj(last[t].unsqueeze(0))), ref_obj(last[t])) for t in A.TOOLS)
+                if tf32:
+                    amp_rel = A.rel(float(amp_obj(image)[0]), float(imp_obj(image)))
+            torch.backends.cudnn.allow_tf32 = saved
+        results[f"agreement/{size}"] = {"same_image_rel_tf32": same[True], "same_image_rel_fp32": same[False],
+                                        "amp_rel": amp_rel}
+        rows.append([size, f"{same[True]:.1e}", f"{same[False]:.1e}", f"{amp_rel:.1e}"])
     print(f"\n4. Loss of the same image (after {args.agree_iterations} L-BFGS iterations), relative difference: impasto"
-          " vs reference objective; impasto --amp vs float32")
-    print(A.table(["size", "impasto vs reference", "--amp vs float32"], rows))
+          " vs reference objective with TF32 convolutions (the default) and without; impasto --amp vs float32")
+    print(A.table(["size", "imp vs ref, TF32", "imp vs ref, float32", "--amp vs float32"], rows))
     report["artistic"] = {"flops": flops, "conv_rates": rates, **results}
 
 

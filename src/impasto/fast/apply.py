@@ -32,8 +32,9 @@ RUNTIMES = ("auto", "torch", "onnxruntime")
 
 
 class Stylizer:
-    """A network ready to stylize batches: on CUDA in PyTorch (float16 by default, channels-last for
-    tensor cores); on the CPU in ONNX Runtime when it is installed (measured 1.70x faster than the
+    """A network ready to stylize batches: on CUDA in PyTorch, NCHW, float32 by default (TF32 convolutions;
+    on an H100 as fast as float16 at batch 1 and within 10 % in batches, and channels-last was 1.2-1.4x
+    slower in both: docs/benchmarks.md); on the CPU in ONNX Runtime when it is installed (measured 1.70x faster than the
     pytorch/examples way at 512 px, 2.40x at 1024 px: docs/benchmarks.md), else in PyTorch.
 
     The ONNX file is exported once per network and kept in a cache (see `onnx_cache_dir`).
@@ -50,7 +51,7 @@ class Stylizer:
         if runtime == "onnxruntime" and device.type != "cpu":
             raise ImpastoError("--runtime onnxruntime runs on the CPU here; use --device cpu or --runtime torch")
         self.device = device
-        self.dtype = torch.float16 if device.type == "cuda" and precision != "fp32" else torch.float32
+        self.dtype = torch.float16 if precision == "fp16" else torch.float32
         self.session: Any = None
         if device.type == "cpu" and runtime == "onnxruntime":
             self.session = _onnx_session(net, on_export)
@@ -59,11 +60,9 @@ class Stylizer:
                 self.session = _onnx_session(net, on_export)
             except (ImpastoError, OSError) as e:  # e.g. an unwritable cache: PyTorch still works
                 warn(f"ONNX Runtime unavailable ({e}); using PyTorch")
-        self.memory_format = torch.channels_last if device.type == "cuda" else torch.contiguous_format
         self.net: TransformerNet | None = None
         if self.session is None:  # a copy, so the caller's network keeps its own device and precision
             self.net = copy.deepcopy(net).eval().to(device=device, dtype=self.dtype)
-            self.net.to(memory_format=self.memory_format)  # type: ignore[call-overload]
 
     @property
     def runtime(self) -> str:
@@ -73,7 +72,7 @@ class Stylizer:
     def __call__(self, batch: torch.Tensor) -> torch.Tensor:
         """(N, 3, H, W) in [0, 1] on any device -> the stylized batch on the CPU, clamped to [0, 1]."""
         h, w = batch.shape[-2:]
-        x = batch.to(device=self.device, dtype=self.dtype, memory_format=self.memory_format)
+        x = batch.to(self.device).to(self.dtype)  # converted on the device
         if min(h, w) < MIN_NETWORK_SIDE:  # tiny images: edge-replicate to the smallest size the net takes
             x = F.pad(x, (0, max(0, MIN_NETWORK_SIDE - w), 0, max(0, MIN_NETWORK_SIDE - h)), mode="replicate")
         if self.net is None:

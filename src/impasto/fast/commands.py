@@ -154,7 +154,7 @@ def add_apply(sub: Any) -> None:
     p.add_argument("--batch-size", type=int, default=4, help="images or frames per batch (%(default)s)")
     p.add_argument("--device", choices=["auto", "cpu", "cuda", "mps"], default="auto")
     p.add_argument("--precision", choices=["auto", "fp32", "fp16"], default="auto",
-                   help="auto: float16 on CUDA, float32 elsewhere")
+                   help="auto: float32 (TF32 convolutions on CUDA); fp16 on CUDA only")
     p.add_argument("--runtime", choices=["auto", "torch", "onnxruntime"], default="auto",
                    help="auto: ONNX Runtime on the CPU when installed (exported once per model, cached in "
                         "$IMPASTO_CACHE or ~/.cache/impasto), PyTorch elsewhere")
