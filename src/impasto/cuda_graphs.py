@@ -30,18 +30,19 @@ def graphed(objective: Objective, x: torch.Tensor, warmup: int = 2) -> Evaluatio
     CUDA graph; None if the objective cannot be recorded. The returned tensors are overwritten by the next
     call, and `x.grad` must stay (no `zero_grad(set_to_none=True)`): the graph writes there."""
     try:
-        side = torch.cuda.Stream(x.device)
-        side.wait_stream(torch.cuda.current_stream(x.device))
-        with torch.cuda.stream(side):  # first runs on a side stream, as CUDA graphs ask (lazy init, cuDNN)
-            for _ in range(warmup):
-                x.grad = None
-                objective(x)[0].backward()
-        torch.cuda.current_stream(x.device).wait_stream(side)
-        x.grad = None
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
-            loss, terms = objective(x)
-            loss.backward()
+        with torch.cuda.device(x.device):  # capture on the image's GPU, whichever is current
+            side = torch.cuda.Stream()
+            side.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(side):  # first runs on a side stream, as CUDA graphs ask (lazy init, cuDNN)
+                for _ in range(warmup):
+                    x.grad = None
+                    objective(x)[0].backward()
+            torch.cuda.current_stream().wait_stream(side)
+            x.grad = None
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph):
+                loss, terms = objective(x)
+                loss.backward()
     except Exception as e:  # noqa: BLE001 - any failure to record means: run eagerly
         x.grad = None
         warnings.warn(f"running without CUDA graphs: the objective could not be recorded ({e})", stacklevel=2)
