@@ -9,6 +9,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from impasto import images
+
 # The tests run tiny images through small networks: with more than one intra-op thread, OpenMP
 # synchronisation dominates, and on a busy 2-core machine it made the suite about 6x slower.
 torch.set_num_threads(1)
@@ -80,3 +82,20 @@ def onnx_cache(tmp_path_factory) -> Path:
 def _private_cache(onnx_cache, monkeypatch) -> None:
     """Tests never write into the user's ~/.cache."""
     monkeypatch.setenv("IMPASTO_CACHE", str(onnx_cache))
+
+@pytest.fixture
+def photos(tmp_path, make_scene) -> Path:
+    """Ten small photos of different sizes (JPEG and PNG), some in a nested folder: training data."""
+    root = tmp_path / "photos"
+    for i in range(10):
+        folder = root / ("nested" if i % 3 == 0 else "")
+        folder.mkdir(parents=True, exist_ok=True)
+        images.save_image(make_scene(40 + 3 * i, 48, seed=i), folder / f"p{i}.{'jpg' if i % 2 else 'png'}")
+    return root
+
+
+@pytest.fixture
+def style_path(tmp_path, make_texture) -> Path:
+    path = tmp_path / "style.png"
+    images.save_image(make_texture((0.8, 0.3, 0.2), 48, 48), path)
+    return path

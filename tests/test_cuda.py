@@ -187,22 +187,6 @@ def test_stylizer_float16_channels_last_matches_float32(make_scene):
     assert (a - b).abs().max() < 2e-2 and (a - b).abs().mean() < 2e-3
 
 
-@pytest.fixture
-def photos(tmp_path, make_scene) -> Path:
-    root = tmp_path / "photos"
-    root.mkdir()
-    for i in range(8):
-        images.save_image(make_scene(40 + 3 * i, 48, seed=i), root / f"p{i}.png")
-    return root
-
-
-@pytest.fixture
-def style_path(tmp_path, make_texture) -> Path:
-    path = tmp_path / "style.png"
-    images.save_image(make_texture((0.8, 0.3, 0.2), 48, 48), path)
-    return path
-
-
 def test_training_on_cuda_lowers_the_loss(tmp_path, photos, style_path):
     o = TrainOptions(style=str(style_path), data=str(photos), weights="random", image_size=32, batch_size=2,
                      width=0.25, workers=0, steps=30, learning_rate=3e-3, quiet=True, seed=3, device="cuda")

@@ -29,24 +29,6 @@ from impasto.nets import load_vgg
 pytestmark = pytest.mark.filterwarnings("ignore:using random VGG weights")
 
 
-@pytest.fixture
-def photos(tmp_path, make_scene) -> Path:
-    """Ten small photos of different sizes in a nested folder, plus a style image beside it."""
-    root = tmp_path / "photos"
-    for i in range(10):
-        folder = root / ("nested" if i % 3 == 0 else "")
-        folder.mkdir(parents=True, exist_ok=True)
-        images.save_image(make_scene(40 + 3 * i, 48, seed=i), folder / f"p{i}.{'jpg' if i % 2 else 'png'}")
-    return root
-
-
-@pytest.fixture
-def style_path(tmp_path, make_texture) -> Path:
-    path = tmp_path / "style.png"
-    images.save_image(make_texture((0.8, 0.3, 0.2), 48, 48), path)
-    return path
-
-
 def options(photos: Path, style_path: Path, **kw) -> TrainOptions:
     base = dict(style=str(style_path), data=str(photos), weights="random", image_size=32, batch_size=2,
                 width=0.25, workers=0, checkpoint_every=1000, quiet=True, seed=3,
