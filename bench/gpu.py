@@ -3,7 +3,7 @@
 Artistic: seconds per iteration (L-BFGS, Adam) of impasto in float32 and with --amp against the PyTorch tutorial's
 way, the targets' build time, peak GPU memory of a run (the allocator's peak over what was allocated before), the
 same-image loss agreement, and a lower bound: the reference's FLOPs per evaluation over the best 3x3-convolution
-rate measured here. Fast: images per second of `impasto apply`'s Stylizer (float16, channels-last) and in float32,
+rate measured here. Fast: images per second of `impasto apply`'s Stylizer (float32, its default, and float16),
 against pytorch/examples' way (float32 NCHW, `.cpu()` of the output), with the largest output difference; a
 training step. Photo: seconds per evaluation of both passes, and the Laplacian's build. Weights are random (no
 internet); timings do not depend on their values. Every GPU timing waits for the GPU (synchronize) before reading
@@ -71,18 +71,19 @@ def graphs(on: bool) -> Iterator[None]:
             os.environ["IMPASTO_CUDA_GRAPHS"] = saved
 
 
-def peak_bytes(fn: Callable[[], object]) -> int | None:
-    """The GPU allocator's peak during `fn` over what was allocated before it (None off CUDA)."""
+def peak_bytes(fn: Callable[[], object]) -> tuple[int, int] | None:
+    """The GPU allocator's peaks during `fn` over what was there before it: allocated (live tensors) and reserved
+    (what the process holds from the GPU, CUDA graph pools included). None off CUDA."""
     if A.DEVICE.type != "cuda":
         fn()
         return None
     torch.cuda.synchronize()
     torch.cuda.empty_cache()
     torch.cuda.reset_peak_memory_stats()
-    base = torch.cuda.memory_allocated()
+    base, held = torch.cuda.memory_allocated(), torch.cuda.memory_reserved()
     fn()
     torch.cuda.synchronize()
-    return torch.cuda.max_memory_allocated() - base
+    return torch.cuda.max_memory_allocated() - base, torch.cuda.max_memory_reserved() - held
 
 
 def conv_rates(repeats: int) -> dict[str, float]:
@@ -165,8 +166,10 @@ def artistic(args: argparse.Namespace, report: dict) -> None:
                    "reference": peak_bytes(lambda s=size, o=opt, n=n: A.time_reference(
                        cnn, content, style, s, o, n))}
             results[f"memory/{size}/{opt}"] = mem
-            rows.append([f"{size}/{opt}", *("-" if v is None else f"{v / 2**20:.0f}" for v in mem.values())])
-    print("\n3. Peak GPU memory of a run, MiB over the weights already there (targets + iterations)")
+            rows.append([f"{size}/{opt}", *("-" if v is None else f"{v[0] / 2**20:.0f} / {v[1] / 2**20:.0f}"
+                                            for v in mem.values())])
+    print("\n3. Peak GPU memory of a run, MiB over the weights already there (targets + iterations): allocated /"
+          " reserved")
     print(A.table(["size/opt", "impasto", "impasto --amp", "no graphs", "reference"], rows))
 
     rows = []

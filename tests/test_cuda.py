@@ -104,12 +104,58 @@ def test_amp_run_lowers_the_loss(make_scene, make_texture):
     assert seen[-1] < 0.5 * seen[0], seen
 
 
-def test_scales_with_content_detail_run_on_cuda(make_scene, make_texture):
+def test_scales_with_content_detail_on_cuda_follow_the_eager_run(no_tf32, make_scene, make_texture, monkeypatch):
+    """A graph per scale: each stage records its own objective, at its own size, from the previous result."""
     content, style = make_scene(96, 128, seed=0), make_texture((0.8, 0.3, 0.2), 64, 64, seed=1)
-    o = opts("cuda", scales=[64, 128], scale_iterations=[5, 5], init="content")
+    o = opts("cuda", scales=[64, 128], scale_iterations=[6, 6], init="content")
+    graphs, image = losses_of(content, style, o)
+    monkeypatch.setenv("IMPASTO_CUDA_GRAPHS", "0")
+    plain, _ = losses_of(content, style, o)
+    assert image.shape == (3, 96, 128) and len(graphs) == 12
+    for stage in (graphs[:6], graphs[6:]):
+        assert stage[-1] < 0.8 * stage[0], graphs
+    for a, b in zip(plain, graphs, strict=True):  # same trajectory through both scales, to float32 rounding
+        assert abs(a - b) <= 1e-3 * a, (plain, graphs)
+
+
+def test_resume_on_cuda_continues_the_run(no_tf32, make_scene, make_texture):
+    content, style = make_scene(48, 64, seed=0), make_texture((0.8, 0.3, 0.2), 64, 64, seed=1)
+    full, _ = losses_of(content, style, opts("cuda", optimizer="adam"))
+
+    def stop(p) -> None:
+        if p.step.iteration == 4:
+            raise KeyboardInterrupt
+
     torch.manual_seed(0)
-    out = stylize_tensors(content, [style], o, net=load_vgg("vgg19", LAYERS, "avg", "random"))
-    assert out.image.shape == (3, 96, 128) and out.iterations == 10 and torch.isfinite(out.image).all()
+    net = load_vgg("vgg19", LAYERS, "avg", "random")
+    stopped = stylize_tensors(content, [style], opts("cuda", optimizer="adam"), [stop], net=net)
+    assert stopped.interrupted and stopped.iterations == 4
+    rest: list[float] = []
+    resumed = stylize_tensors(content, [style], opts("cuda", optimizer="adam"),
+                              [lambda p: rest.append(p.step.loss)], resume=stopped.state, net=net)
+    assert not resumed.interrupted and len(rest) == 6
+    for a, b in zip(full[4:], rest, strict=True):
+        assert abs(a - b) <= 1e-4 * a, (full, rest)
+
+
+def test_an_objective_that_cannot_be_recorded_runs_eagerly(monkeypatch):
+    """A CPU sync inside the objective (here .item()) cannot be recorded: the loop warns and runs it as before."""
+    from impasto.optimize import OptimizerSettings, optimize
+
+    target = torch.linspace(0, 1, 48, device=CUDA).view(1, 3, 4, 4)
+
+    def objective(x: torch.Tensor):
+        d = (x - target).pow(2).sum()
+        scale = 1.0 + 0.0 * (x.sum().item())  # a host sync: not allowed while a graph records
+        return d * scale, {"d": d}
+
+    start = torch.zeros(1, 3, 4, 4, device=CUDA)
+    with pytest.warns(UserWarning, match="running without CUDA graphs"):
+        result = optimize(start, objective, 5, OptimizerSettings("adam", lr=0.1))
+    monkeypatch.setenv("IMPASTO_CUDA_GRAPHS", "0")
+    expected = optimize(start, objective, 5, OptimizerSettings("adam", lr=0.1))
+    assert result.loss < 0.5 * float((start - target).pow(2).sum())
+    assert result.loss == expected.loss and torch.equal(result.image, expected.image)
 
 
 def test_photo_on_cuda_follows_the_cpu_run(no_tf32, make_scene):
@@ -175,7 +221,7 @@ def test_frozen_convolutions_are_plain_convolutions_on_cuda(no_tf32):
     assert conv._cached is None  # no Winograd weights were made for CUDA
 
 
-def test_stylizer_float16_channels_last_matches_float32(make_scene):
+def test_stylizer_float16_matches_float32(make_scene):
     torch.manual_seed(0)
     net = TransformerNet(TransformerSpec(width=0.5)).eval()
     batch = torch.stack([make_scene(67, 93, seed=i) for i in range(2)])  # odd sizes: padded, then cropped

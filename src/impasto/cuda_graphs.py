@@ -5,8 +5,9 @@ kernels, not by the GPU's work: on an H100 at 512 px, 10.7 ms per evaluation hel
 (docs/benchmarks.md). A graph launches them all at once. The optimizers update the image in place, so the
 graph reads it where it is and writes its gradient into the same `x.grad` each time.
 
-`IMPASTO_CUDA_GRAPHS=0` turns this off. An objective that cannot be recorded (an operation that syncs with
-the CPU, say) runs as before.
+The objective runs a few times and is then replayed, so it must be a pure function of the image: state it
+keeps in Python is frozen at the recording. `IMPASTO_CUDA_GRAPHS=0` turns this off. An objective that cannot
+be recorded (an operation that syncs with the CPU, say) runs as before, with a warning.
 """
 
 from __future__ import annotations
@@ -40,9 +41,17 @@ def graphed(objective: Objective, x: torch.Tensor, warmup: int = 2) -> Evaluatio
             torch.cuda.current_stream().wait_stream(side)
             x.grad = None
             graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph):
-                loss, terms = objective(x)
-                loss.backward()
+            with warnings.catch_warnings(record=True) as caught:
+                warnings.simplefilter("always")
+                # on the side stream: torch's default capture stream belongs to the GPU of the first capture
+                with torch.cuda.graph(graph, stream=side):
+                    loss, terms = objective(x)
+                    loss.backward()
+            empty = [w for w in caught if "empty" in str(w.message)]
+            if empty:  # replays would do nothing: the work ran somewhere else
+                raise RuntimeError(str(empty[0].message))
+            for w in caught:
+                warnings.showwarning(w.message, w.category, w.filename, w.lineno)
     except Exception as e:  # noqa: BLE001 - any failure to record means: run eagerly
         x.grad = None
         warnings.warn(f"running without CUDA graphs: the objective could not be recorded ({e})", stacklevel=2)

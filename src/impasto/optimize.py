@@ -73,7 +73,9 @@ def optimize(
     """Minimize `objective` over the pixels of `image` (N, 3, H, W) for `iterations` iterations.
 
     `callback(step, state_fn)` runs after each iteration; `state_fn()` returns the resumable state.
-    Ctrl-C stops the loop between iterations' updates and returns the best iterate so far.
+    Ctrl-C stops the loop between iterations' updates and returns the best iterate so far. On CUDA the
+    objective is recorded once as a CUDA graph and replayed (`cuda_graphs`): it must be a pure function of
+    the image, returning a scalar loss and scalar terms.
     """
     x = image.detach().clone().requires_grad_(True)
     opt = make_optimizer([x], settings)
@@ -99,7 +101,7 @@ def optimize(
         if run is None:
             run = (cuda_graphs.enabled(x) and cuda_graphs.graphed(objective, x)) or eager
         loss, terms = run()
-        values = torch.stack([loss.detach(), *(v.detach() for v in terms.values())]).tolist()  # one sync
+        values = torch.stack([t.detach().reshape(()) for t in (loss, *terms.values())]).tolist()  # one sync
         last.clear()
         last.update(zip(terms, values[1:], strict=True), total=values[0])
         if values[0] < best_loss:  # the loss belongs to x before this iteration's update
@@ -124,7 +126,10 @@ def optimize(
             if callback is not None:
                 terms = {k: v for k, v in last.items() if k != "total"}
                 callback(Step(done, iterations, last["total"], terms, best_loss, x.detach()), state)
-        _final_evaluation(x, objective, last)
+        if run is not None and run is not eager:  # the recorded graph: no second set of activations
+            last["total"] = float(run()[0])
+        else:
+            _final_evaluation(x, objective, last)
         if last["total"] < best_loss:
             best_loss, best = last["total"], x.detach().clone()
     except KeyboardInterrupt:

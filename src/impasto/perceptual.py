@@ -159,8 +159,8 @@ def autocast_for(device: torch.device, amp: bool) -> Callable[[], Any]:
     """float16 autocast for the network on CUDA when asked; a no-op context otherwise."""
     import contextlib
 
-    if amp and device.type == "cuda":  # no cache of float16 weights: CUDA graphs record the casts instead
-        return lambda: torch.autocast("cuda", dtype=torch.float16, cache_enabled=False)
+    if amp and device.type == "cuda":
+        return lambda: torch.autocast("cuda", dtype=torch.float16)
     return contextlib.nullcontext
 
 

@@ -33,7 +33,7 @@ RUNTIMES = ("auto", "torch", "onnxruntime")
 
 class Stylizer:
     """A network ready to stylize batches: on CUDA in PyTorch, NCHW, float32 by default (TF32 convolutions;
-    on an H100 as fast as float16 at batch 1 and within 10 % in batches, and channels-last was 1.2-1.4x
+    on an H100 faster than float16 at batch 1 and within 12 % in batches, and channels-last was up to 1.5x
     slower in both: docs/benchmarks.md); on the CPU in ONNX Runtime when it is installed (measured 1.70x faster than the
     pytorch/examples way at 512 px, 2.40x at 1024 px: docs/benchmarks.md), else in PyTorch.
 
