@@ -107,7 +107,7 @@ def test_amp_run_lowers_the_loss(make_scene, make_texture):
 def test_scales_with_content_detail_on_cuda_follow_the_eager_run(no_tf32, make_scene, make_texture, monkeypatch):
     """A graph per scale: each stage records its own objective, at its own size, from the previous result."""
     content, style = make_scene(96, 128, seed=0), make_texture((0.8, 0.3, 0.2), 64, 64, seed=1)
-    o = opts("cuda", scales=[64, 128], scale_iterations=[6, 6], init="content")
+    o = opts("cuda", scales=[64, 128], scale_iterations=[6, 6], init="content", optimizer="adam")
     graphs, image = losses_of(content, style, o)
     monkeypatch.setenv("IMPASTO_CUDA_GRAPHS", "0")
     plain, _ = losses_of(content, style, o)
@@ -115,7 +115,12 @@ def test_scales_with_content_detail_on_cuda_follow_the_eager_run(no_tf32, make_s
     for stage in (graphs[:6], graphs[6:]):
         assert stage[-1] < 0.8 * stage[0], graphs
     for a, b in zip(plain, graphs, strict=True):  # same trajectory through both scales, to float32 rounding
-        assert abs(a - b) <= 1e-3 * a, (plain, graphs)
+        assert abs(a - b) <= 1e-3 * a, (plain, graphs)  # (L-BFGS's occasional huge trial steps amplify it)
+
+
+def test_graphs_only_where_they_pay():
+    small, large = torch.zeros(1, 3, 384, 512, device=CUDA), torch.zeros(1, 3, 768, 1024, device=CUDA)
+    assert cuda_graphs.enabled(small) and not cuda_graphs.enabled(large) and not cuda_graphs.enabled(small.cpu())
 
 
 def test_resume_on_cuda_continues_the_run(no_tf32, make_scene, make_texture):

@@ -22,8 +22,16 @@ Objective = Callable[[torch.Tensor], tuple[torch.Tensor, dict[str, torch.Tensor]
 Evaluation = Callable[[], tuple[torch.Tensor, dict[str, torch.Tensor]]]
 
 
+# Above this many pixels the GPU is busy enough that launches stop mattering: at 1024x768 graphs measured
+# 0.92-1.08x per iteration, while their memory pool raised the run's reserved GPU memory by 45 % (2848 vs
+# 1964 MiB for the reference).
+MAX_PIXELS = 640 * 1024
+
+
 def enabled(x: torch.Tensor) -> bool:
-    return x.is_cuda and os.environ.get("IMPASTO_CUDA_GRAPHS", "1") != "0"
+    """Record graphs for images on CUDA up to MAX_PIXELS, unless IMPASTO_CUDA_GRAPHS=0."""
+    return (x.is_cuda and x.shape[-2] * x.shape[-1] <= MAX_PIXELS
+            and os.environ.get("IMPASTO_CUDA_GRAPHS", "1") != "0")
 
 
 def graphed(objective: Objective, x: torch.Tensor, warmup: int = 2) -> Evaluation | None:
