@@ -204,7 +204,8 @@ def stylize_tensors(
     resume: dict | None = None,
     net: VGGFeatures | None = None,
 ) -> Outcome:
-    """Stylize a (3, H, W) content image with one or more (3, h, w) style images."""
+    """Stylize a (3, H, W) content image with one or more (3, h, w) style images. A given `net` is moved to
+    the run's device (opts.device) in place, and stays there."""
     opts = opts or StylizeOptions()
     if not styles:
         raise ImpastoError("give at least one style image")
