@@ -176,17 +176,17 @@ def artistic(args: argparse.Namespace, report: dict) -> None:
     for size in args.sizes:
         A.time_impasto(net, content, style, size, "lbfgs", args.agree_iterations)
         A.time_reference(cnn, content, style, size, "lbfgs", args.agree_iterations)
-        imp_obj, _ = A.impasto_objective(net, content, style, size)
-        ref_obj = A.reference_objective(cnn, content, style, size)
         c, s = A.at_size(content, style, size)
         amp_obj = network_objective(net, build_loss(net, c, [s], A.options(size, 1, "lbfgs"),
                                                     autocast_for(A.DEVICE, True)), autocast_for(A.DEVICE, True))
         last = {t: A.LAST_IMAGE[t].to(A.DEVICE) for t in A.TOOLS}
         image = last["impasto"].unsqueeze(0)
         same = {}
-        for tf32 in (True, False):  # PyTorch's default for convolutions, then plain float32
+        for tf32 in (True, False):  # PyTorch's default for convolutions, then plain float32 (targets too)
             saved = torch.backends.cudnn.allow_tf32
             torch.backends.cudnn.allow_tf32 = tf32
+            imp_obj, _ = A.impasto_objective(net, content, style, size)
+            ref_obj = A.reference_objective(cnn, content, style, size)
             with torch.no_grad():
                 same[tf32] = max(A.rel(float(imp_obj(last[t].unsqueeze(0))), ref_obj(last[t])) for t in A.TOOLS)
                 if tf32:

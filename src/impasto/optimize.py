@@ -127,7 +127,7 @@ def optimize(
                 terms = {k: v for k, v in last.items() if k != "total"}
                 callback(Step(done, iterations, last["total"], terms, best_loss, x.detach()), state)
         if run is not None and run is not eager:  # the recorded graph: no second set of activations
-            last["total"] = float(run()[0])
+            last["total"] = float(run()[0].detach())
         else:
             _final_evaluation(x, objective, last)
         if last["total"] < best_loss:
