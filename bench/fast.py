@@ -205,12 +205,14 @@ def inference_case(spec: dict) -> tuple[Callable[[], torch.Tensor], float]:
 
 
 def train_case(spec: dict) -> tuple[Callable[[], object], str]:
-    """(one training step, how it was built). Same transformer and VGG16 weights for every variant."""
-    n, size = spec["batch"], spec["size"]
-    x, style = torch.cat([image(size, i) for i in range(n)]), image(size, n)
-    net, vgg = impasto_net(1.0).train(), load_vgg("vgg16", STYLE_LAYERS, "max", "random")
+    """(one training step, how it was built). Same transformer and VGG16 weights for every variant; on
+    spec["device"] when given (bench/gpu.py), else the CPU."""
+    n, size, device = spec["batch"], spec["size"], torch.device(spec.get("device", "cpu"))
+    x, style = torch.cat([image(size, i) for i in range(n)]).to(device), image(size, n).to(device)
+    net = impasto_net(1.0).train().to(device)
+    vgg = load_vgg("vgg16", STYLE_LAYERS, "max", "random", device=device)
     if spec["variant"] == "reference":
-        ref, rvgg = reference_from(net).train(), RefVgg16()
+        ref, rvgg = reference_from(net).train().to(device), RefVgg16().to(device)
         rvgg.load_state_dict(dict(zip(rvgg.state_dict(), vgg.state_dict().values(), strict=True)))  # same order
         opt = torch.optim.Adam(ref.parameters(), 1e-3)
         with torch.no_grad():

@@ -34,10 +34,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import artistic as A  # noqa: E402  (the artistic reference and its helpers)
 import fast as B  # noqa: E402  (the fast-style reference and its helpers)
 
-from impasto import cuda_graphs  # noqa: E402
-from impasto.fast import train as fast_train  # noqa: E402
 from impasto.fast.apply import Stylizer  # noqa: E402
-from impasto.nets import load_vgg  # noqa: E402
 from impasto.perceptual import autocast_for, build_loss, network_objective  # noqa: E402
 
 warnings.filterwarnings("ignore")
@@ -228,28 +225,9 @@ def fast(args: argparse.Namespace, report: dict) -> None:
                    "fp32 max diff"], rows))
 
     n, size = args.train_batch, args.train_size
-    x, style = torch.cat([B.image(size, i) for i in range(n)]).to(A.DEVICE), B.image(size, n).to(A.DEVICE)
-    tnet = B.impasto_net(1.0).train().to(A.DEVICE)
-    vgg = load_vgg("vgg16", B.STYLE_LAYERS, "max", "random", device=A.DEVICE)
-    rnet, rvgg = B.reference_from(tnet).train().to(A.DEVICE), B.RefVgg16().to(A.DEVICE)
-    rvgg.load_state_dict(dict(zip(rvgg.state_dict(), vgg.state_dict().values(), strict=True)))
-    ropt = torch.optim.Adam(rnet.parameters(), 1e-3)
-    with torch.no_grad():
-        gram_style = [B.ref_gram_matrix(f) for f in rvgg(B.ref_normalize_batch(style * 255.0))]
-
-    def reference_step() -> None:
-        ropt.zero_grad()
-        x255 = x * 255.0
-        features_y, features_x = rvgg(B.ref_normalize_batch(rnet(x255))), rvgg(B.ref_normalize_batch(x255.clone()))
-        total = 1e5 * F.mse_loss(features_y[1], features_x[1])
-        for fy, gm in zip(features_y, gram_style, strict=True):
-            total = total + 1e10 * F.mse_loss(B.ref_gram_matrix(fy), gm.expand(n, -1, -1))
-        total.backward()
-        ropt.step()
-
-    loss = fast_train.style_loss_template(vgg, style[0], fast_train.TrainOptions())
-    opt = torch.optim.Adam(tnet.parameters(), 1e-3)
-    steps = {"reference": reference_step, "impasto": lambda: fast_train.train_step(tnet, vgg, loss, x, opt)}
+    spec = {"batch": n, "size": size, "device": str(A.DEVICE), "threads": torch.get_num_threads(),
+            "default_threads": torch.get_num_threads()}
+    steps = {name: B.train_case({**spec, "variant": name})[0] for name in ("reference", "impasto")}
     secs = {k: statistics.median(timed(fn, 2, args.repeats * 2)) for k, fn in steps.items()}
     results[f"train/{size}/{n}"] = secs
     print(f"\n6. A training step, batch {n} at {size} px (VGG16 loss network): ms per step")
@@ -260,45 +238,16 @@ def fast(args: argparse.Namespace, report: dict) -> None:
 
 
 def photo(args: argparse.Namespace, report: dict) -> None:
-    sys.path.insert(0, str(Path(__file__).resolve().parent))
     import photo as P
 
-    from impasto.photo import PhotoOptions
-    from impasto.photo.laplacian import matting_laplacian, to_torch_sparse
-    from impasto.photo.transfer import with_matting
-
-    opts = PhotoOptions(weights="random")
-    net = load_vgg("vgg19", [*opts.content_layers, *opts.style_layers], "max", "random", device=A.DEVICE)
-    rows, results = [], {}
-    for size in args.sizes:
-        content = torch.from_numpy(P.photo_image(size)).permute(2, 0, 1).float().contiguous()
-        half = torch.zeros(size, size)
-        half[: size // 2] = 1
-        regions = [(half, half), (1 - half, 1 - half)]
-        c = content.to(A.DEVICE)
-        loss = build_loss(net, c, [c.flip(-1)], opts, contextlib.nullcontext, regions)
-        base = network_objective(net, loss, contextlib.nullcontext)
-        t = time.perf_counter()
-        laplacian = to_torch_sparse(matting_laplacian(content), A.DEVICE)
-        build = time.perf_counter() - t
-        x = c[None].clone().requires_grad_(True)
-
-        def evaluate(objective: Any, x: torch.Tensor = x) -> None:
-            total, _ = objective(x)
-            total.backward()
-            x.grad = None
-
-        one = statistics.median(timed(lambda b=base: evaluate(b), 2, args.repeats * 2))
-        two = statistics.median(timed(lambda b=base, lap=laplacian: evaluate(with_matting(b, lap, 1e4)), 2,
-                                      args.repeats * 2))
-        replay = cuda_graphs.graphed(with_matting(base, laplacian, 1e4), x) if A.DEVICE.type == "cuda" else None
-        graphed = statistics.median(timed(replay, 2, args.repeats * 2)) if replay else float("nan")
-        results[size] = {"laplacian_s": build, "pass1": one, "pass2": two, "pass2_graphed": graphed}
-        rows.append([size, f"{build:.2f}", f"{one * 1e3:.1f}", f"{two * 1e3:.1f}", f"{two / one - 1:+.0%}",
-                     f"{graphed * 1e3:.1f}"])
+    rows = P.iteration_table(args.sizes, args.repeats * 2, str(A.DEVICE))
+    for r in rows:
+        r.setdefault("pass 2, CUDA graph", float("nan"))
     print("\n7. Photorealistic engine: Laplacian build (s, CPU) and ms per evaluation (forward + backward)")
-    print(A.table(["size", "Laplacian s", "pass 1 ms", "pass 2 ms", "regularizer", "pass 2, CUDA graph"], rows))
-    report["photo"] = results
+    print(A.table(["size", "Laplacian s", "pass 1 ms", "pass 2 ms", "regularizer", "pass 2, CUDA graph"],
+                  [[r["size"], f"{r['laplacian_s']:.2f}", f"{r['pass 1'] * 1e3:.1f}", f"{r['pass 2'] * 1e3:.1f}",
+                    f"{r['pass 2'] / r['pass 1'] - 1:+.0%}", f"{r['pass 2, CUDA graph'] * 1e3:.1f}"] for r in rows]))
+    report["photo"] = rows
 
 
 def main() -> int:

@@ -19,6 +19,7 @@ import sys
 import time
 import warnings
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import scipy.sparse
@@ -101,12 +102,14 @@ def laplacian_table(sizes: list[int], loop_sizes: list[int], tmp: Path) -> list[
     return rows
 
 
-def iteration_table(sizes: list[int], iterations: int) -> list[dict]:
-    """Seconds per evaluation (forward + backward) of pass 1 (masked style) and pass 2 (+ regularizer)."""
+def iteration_table(sizes: list[int], iterations: int, device: str = "cpu") -> list[dict]:
+    """Seconds per evaluation (forward + backward) of pass 1 (masked style) and pass 2 (+ regularizer); on CUDA
+    also pass 2 replayed as a CUDA graph, as the optimization loop runs it (bench/gpu.py)."""
     import contextlib
 
     import torch
 
+    from impasto import cuda_graphs
     from impasto.nets import load_vgg
     from impasto.perceptual import build_loss, network_objective
     from impasto.photo import PhotoOptions
@@ -115,28 +118,43 @@ def iteration_table(sizes: list[int], iterations: int) -> list[dict]:
 
     warnings.filterwarnings("ignore")
     opts = PhotoOptions(weights="random")
-    net = load_vgg("vgg19", [*opts.content_layers, *opts.style_layers], "max", "random")
+    cuda = torch.device(device).type == "cuda"
+    net = load_vgg("vgg19", [*opts.content_layers, *opts.style_layers], "max", "random", device=device)
     rows = []
     for size in sizes:
         content = torch.from_numpy(photo_image(size)).permute(2, 0, 1).float().contiguous()
         half = torch.zeros(size, size)
         half[: size // 2] = 1
         regions = [(half, half), (1 - half, 1 - half)]
-        loss = build_loss(net, content, [content.flip(-1)], opts, contextlib.nullcontext, regions)
+        on_device = content.to(device)
+        loss = build_loss(net, on_device, [on_device.flip(-1)], opts, contextlib.nullcontext, regions)
         base = network_objective(net, loss, contextlib.nullcontext)
         start = time.perf_counter()
-        laplacian = to_torch_sparse(matting_laplacian(content))
+        laplacian = to_torch_sparse(matting_laplacian(content), device)
         build = time.perf_counter() - start
         regularized = with_matting(base, laplacian, opts.affine_weight)
-        times: dict[str, list[float]] = {"pass 1": [], "pass 2": []}
-        x = content[None].clone().requires_grad_(True)
-        for _ in range(iterations + 1):  # the first round warms up
-            for name, objective in (("pass 1", base), ("pass 2", regularized)):
-                start = time.perf_counter()
-                total, _ = objective(x)
-                total.backward()
-                times[name].append(time.perf_counter() - start)
+        x = on_device[None].clone().requires_grad_(True)
+
+        def eager(objective: Any, x: torch.Tensor = x) -> Any:
+            def evaluate() -> None:
                 x.grad = None
+                objective(x)[0].backward()
+            return evaluate
+
+        runs = {"pass 1": eager(base), "pass 2": eager(regularized)}
+        replay = cuda_graphs.graphed(regularized, x) if cuda else None
+        if replay is not None:
+            runs["pass 2, CUDA graph"] = replay
+        times: dict[str, list[float]] = {k: [] for k in runs}
+        for _ in range(iterations + 1):  # the first round warms up
+            for name, run in runs.items():
+                if cuda:
+                    torch.cuda.synchronize()
+                start = time.perf_counter()
+                run()
+                if cuda:
+                    torch.cuda.synchronize()
+                times[name].append(time.perf_counter() - start)
         row = {"size": size, "laplacian_s": build, **{k: statistics.median(v[1:]) for k, v in times.items()}}
         rows.append(row)
         print(json.dumps(row), file=sys.stderr)

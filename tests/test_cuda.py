@@ -194,7 +194,7 @@ def test_graph_replay_equals_eager_evaluation_and_follows_the_image(no_tf32, mak
         x = x.detach().clone().requires_grad_(True)
         total, _ = objective(x)
         total.backward()
-        return float(total), x.grad
+        return float(total.detach()), x.grad
 
     x = (content * 0.8 + 0.1).unsqueeze(0).requires_grad_(True)
     replay = cuda_graphs.graphed(objective, x)

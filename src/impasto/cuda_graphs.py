@@ -15,10 +15,13 @@ from __future__ import annotations
 import os
 import warnings
 from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 import torch
 
-Objective = Callable[[torch.Tensor], tuple[torch.Tensor, dict[str, torch.Tensor]]]
+if TYPE_CHECKING:
+    from .optimize import Objective
+
 Evaluation = Callable[[], tuple[torch.Tensor, dict[str, torch.Tensor]]]
 
 

@@ -34,8 +34,8 @@ RUNTIMES = ("auto", "torch", "onnxruntime")
 class Stylizer:
     """A network ready to stylize batches: on CUDA in PyTorch, NCHW, float32 by default (TF32 convolutions;
     on an H100 faster than float16 at batch 1 and within 12 % in batches, and channels-last was up to 1.5x
-    slower in both: docs/benchmarks.md); on the CPU in ONNX Runtime when it is installed (measured 1.70x faster than the
-    pytorch/examples way at 512 px, 2.40x at 1024 px: docs/benchmarks.md), else in PyTorch.
+    slower in both); on the CPU in ONNX Runtime when it is installed (1.70x faster than the pytorch/examples
+    way at 512 px, 2.40x at 1024 px), else in PyTorch. Figures: docs/benchmarks.md.
 
     The ONNX file is exported once per network and kept in a cache (see `onnx_cache_dir`).
     """
