@@ -154,6 +154,36 @@ def test_style_loss_zero_at_style_image_positive_elsewhere(net, make_scene, make
     assert float(at_content["style"]) > 1e-2
 
 
+def test_targets_run_only_the_layers_they_need_and_keep_no_feature_maps(net, make_scene, make_texture,
+                                                                        monkeypatch):
+    """Keeping every layer's features of both images made building the targets peak near the
+    optimization's own live memory at 1024 px: the content pass stops at the deepest content layer, and
+    each style layer's Gram is taken as soon as the pass reaches that layer."""
+    import impasto.perceptual as perceptual
+
+    opts = StylizeOptions(content_layers=["relu1_1"], style_layers=STYLE_LAYERS, weights="random",
+                          pooling="avg", device="cpu")
+    passes: list[list[str]] = []
+    gram_taken_after: list[int] = []  # layers run in the current pass when each Gram was taken
+    hooks = [m.register_forward_hook(lambda m, i, o, name=name: passes[-1].append(name))
+             for name, m in net.layers.named_children()]
+    hooks.append(net.layers[0].register_forward_pre_hook(lambda m, i: passes.append([])))
+    real_gram = perceptual.gram_matrix
+    monkeypatch.setattr(perceptual, "gram_matrix",
+                        lambda f, mask=None: gram_taken_after.append(len(passes[-1])) or real_gram(f, mask))
+    try:
+        loss = build_loss(net, make_scene(32, 32, seed=1), [make_texture((0.7, 0.3, 0.2), 32, 32, seed=4)],
+                          opts, contextlib.nullcontext)
+    finally:
+        for h in hooks:
+            h.remove()
+    full = ["conv1_1", "relu1_1", "conv1_2", "relu1_2", "pool1", "conv2_1", "relu2_1"]
+    assert passes == [full[:2], full]
+    assert gram_taken_after == [2, 7]
+    assert list(loss.content_targets) == ["relu1_1"]
+    assert list(loss.styles[0].grams) == STYLE_LAYERS
+
+
 def test_targets_under_autocast_take_grams_in_float32(net, make_scene, make_texture):
     """Only the network runs in float16 under --amp: a Gram sums a whole layer, which overflows or rounds
     away in float16 (on CUDA every style target became inf and the run stopped on NaN). CPU autocast takes

@@ -11,6 +11,7 @@ in 0..255 minus that average image.
 
 from __future__ import annotations
 
+import gc
 import hashlib
 import io
 import math
@@ -210,6 +211,46 @@ def test_torchvision_file_full_vgg16_maps_every_index_and_ignores_classifier(tmp
     loaded, normalization = load_vgg_weights("vgg16", path)
     assert set(loaded) == {f"{n}.{k}" for n in CONV_NAMES["vgg16"] for k in ("weight", "bias")}
     assert normalization == TORCHVISION_NORMALIZATION
+
+
+def test_legacy_format_file_loads(tmp_path):
+    """The official torchvision VGG files (2017) are in torch.save's legacy format, which cannot be
+    memory-mapped: the loader falls back to reading them whole."""
+    state = torchvision_state("vgg16", n_convs=4, seed=2)
+    path = tmp_path / "vgg16-legacy.pth"
+    torch.save(state, path, _use_new_zipfile_serialization=False)
+    assert path.read_bytes()[:2] == b"\x80\x02"  # a pickle, not a zip archive
+    net = load_vgg("vgg16", layers=["relu2_2"], weights=path)
+    assert_weights_match(net, state, "vgg16", n_convs=4)
+
+
+def _peak_rss_during(fn) -> int:
+    """Peak resident memory added while fn runs (Linux: VmHWM after resetting it)."""
+    def hwm() -> int:
+        with open("/proc/self/status") as f:
+            return next(int(line.split()[1]) * 1024 for line in f if line.startswith("VmHWM:"))
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+    except OSError:
+        pytest.skip("cannot reset the peak RSS here")
+    gc.collect()
+    with open("/proc/self/statm") as f:
+        before = int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    fn()
+    return hwm() - before
+
+
+def test_zip_format_file_reads_only_the_convolutions_it_needs(tmp_path):
+    state = torchvision_state("vgg16", n_convs=2, seed=3)
+    classifier = {"classifier.0.weight": torch.ones(64, 2**20)}  # 256 MiB that the network never needs
+    path = save({**state, **classifier}, tmp_path / "vgg16.pth")
+    del classifier
+    gc.collect()
+    loaded: list = []
+    peak = _peak_rss_during(lambda: loaded.append(load_vgg_weights("vgg16", path)))
+    assert torch.equal(loaded[0][0]["conv1_2.weight"], state["features.2.weight"])
+    assert peak < 64 * 2**20, f"loading took {peak / 2**20:.0f} MiB: the classifier was read"
 
 
 def test_torchvision_file_vgg19_indices_differ_from_vgg16(tmp_path):

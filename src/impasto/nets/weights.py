@@ -113,9 +113,21 @@ def _hash_prefix(url: str) -> str | None:
     return tail if len(tail) >= 6 and all(c in "0123456789abcdef" for c in tail) else None
 
 
+def _torch_load(path: Path) -> object:
+    """torch.load as data, memory-mapped where the file allows it (torch.save's zip format): then only
+    the convolutions the network copies are read, not the classifier's 470 MB in a full VGG19 file.
+    The official torchvision files predate that format, so they are read whole."""
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except RuntimeError as e:
+        if "mmap" not in str(e):
+            raise
+    return torch.load(path, map_location="cpu", weights_only=True)
+
+
 def _read_state_dict(path: Path, arch: str) -> StateDict:
     try:
-        raw = torch.load(path, map_location="cpu", weights_only=True)
+        raw = _torch_load(path)
     except Exception as e:  # pickle, zip and unpickler errors all mean "not a weights file"
         raise ImpastoError(f"cannot read weights file {path}: not a PyTorch state dict ({type(e).__name__})") from None
     if isinstance(raw, dict) and isinstance(raw.get("state_dict"), dict):

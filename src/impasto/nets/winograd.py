@@ -66,7 +66,9 @@ def _forward(image: torch.Tensor, w: WinogradWeights, out: torch.Tensor) -> None
     v = F.conv2d(image.unsqueeze(1), w.input_kernels, stride=TILE)  # (C, 36, th, tw): every tile transformed
     th, tw = v.shape[-2:]
     m = torch.matmul(w.mixing, v.view(c, SPAN * SPAN, th * tw).transpose(0, 1))  # (36, out, th*tw)
+    del v  # each temporary is 2.25x a feature map: free it as soon as it is used (peak memory)
     y = (w.output @ m.view(SPAN * SPAN, -1)).view(TILE, TILE, -1, th, tw).permute(2, 3, 0, 4, 1)
+    del m
     tiles = out.view(-1, th, TILE, tw, TILE)
     if w.bias is None:
         tiles.copy_(y)
@@ -80,11 +82,14 @@ def _backward(grad: torch.Tensor, w: WinogradWeights) -> torch.Tensor:
     th, tw = height // TILE, width // TILE
     tiles = grad.view(cout, th, TILE, tw, TILE).permute(2, 4, 0, 1, 3).reshape(TILE * TILE, -1)
     m = (w.output.t() @ tiles).view(SPAN * SPAN, cout, th * tw)
+    del tiles
     v = torch.matmul(w.mixing.transpose(1, 2), m)  # (36, C, th*tw)
+    del m
     c = v.shape[1]
     t = (w.input.t() @ v.view(SPAN * SPAN, -1)).view(SPAN, SPAN, c, th, tw)  # each tile's 6x6 gradient
+    del v
     # Overlap-add: a tile's last two rows/columns land on the first two of the next tile.
-    out = v.new_empty(c, th + 1, TILE, tw + 1, TILE)
+    out = t.new_empty(c, th + 1, TILE, tw + 1, TILE)
     out[:, th].zero_()
     out[:, :th, :, tw].zero_()
     out[:, :th, :, :tw, :] = t[:TILE, :TILE].permute(2, 3, 0, 4, 1)
@@ -165,6 +170,11 @@ class FrozenConv3x3(nn.Conv2d):
         if self._use_winograd(x):
             return winograd_conv3x3(x, self._winograd_weights())
         return super().forward(x)
+
+    def keeps_no_input(self, x: torch.Tensor) -> bool:
+        """Whether a forward pass on x keeps nothing for backward: Winograd needs only the frozen weights
+        for the input's gradient, where a direct convolution keeps its input."""
+        return self._use_winograd(x)
 
     def _use_winograd(self, x: torch.Tensor) -> bool:
         trained = self.weight.requires_grad or (self.bias is not None and self.bias.requires_grad)
