@@ -100,3 +100,10 @@ def test_relu_keeps_its_float_output_where_the_next_conv_keeps_its_input(monkeyp
     net = VGGFeatures("vgg16", ["relu3_3"])
     saved = _saved(net, torch.rand(1, 3, 64, 64, requires_grad=True))
     assert torch.bool not in {dtype for dtype, _ in saved}
+
+
+def test_sign_keeping_relu_is_twice_differentiable():
+    from impasto.nets.vgg import _ReLUKeepingSign
+
+    x = torch.randn(1, 2, 5, 5, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradgradcheck(lambda t: _ReLUKeepingSign.apply(t * 1.0) ** 2, (x,))

@@ -96,6 +96,9 @@ def test_frozen_conv_follows_its_weights_when_they_change():
     assert (conv(x) - direct).abs().max() <= 2e-5 * direct.abs().max()
     conv.double().float()  # moved and back: rebuilt, not reused
     assert conv._cached is None and (conv(x) - direct).abs().max() <= 2e-5 * direct.abs().max()
+    kept = conv._cached
+    conv.to("cpu")  # where it already is: the engines do this on every run, and the transform stays
+    assert conv._cached is kept
 
 
 def test_copies_do_not_carry_the_transformed_weights():

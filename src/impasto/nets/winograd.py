@@ -190,8 +190,13 @@ class FrozenConv3x3(nn.Conv2d):
         return self._cached[1]
 
     def _apply(self, fn, recurse=True):
-        self._cached = None  # .to(), .float(), .cuda(): the weights move or change, so does their transform
-        return super()._apply(fn, recurse)
+        """.to(), .float(), .cuda(): where the weights move or change, their transform goes (its memory
+        with it); a no-op move such as the engines' `net.to(device)` on every run keeps it."""
+        before = self.weight.data_ptr(), self.weight.dtype
+        out = super()._apply(fn, recurse)
+        if (self.weight.data_ptr(), self.weight.dtype) != before:
+            self._cached = None
+        return out
 
     def __getstate__(self) -> dict:
         return {**super().__getstate__(), "_cached": None}  # copies and pickles do not carry the cache
