@@ -93,13 +93,24 @@ def test_relu_before_a_winograd_conv_keeps_only_its_sign_and_the_gradient_is_unc
     assert torch.equal(grads[0], grads[1])
 
 
-def test_relu_keeps_its_float_output_where_the_next_conv_keeps_its_input(monkeypatch):
-    """With Winograd off the convolution after relu3_2 keeps its input (the float output) anyway, so a
-    sign mask would only add memory: none is made."""
-    monkeypatch.setenv("IMPASTO_WINOGRAD", "0")
-    net = VGGFeatures("vgg16", ["relu3_3"])
+def test_relu_keeps_its_float_output_where_the_next_conv_keeps_its_input():
+    """Where the convolutions' weights are trained they keep their inputs (the ReLUs' float outputs) for
+    the weight gradient, so a sign mask would only add memory: none is made."""
+    net = VGGFeatures("vgg16", ["relu3_3"]).requires_grad_(True)
     saved = _saved(net, torch.rand(1, 3, 64, 64, requires_grad=True))
     assert torch.bool not in {dtype for dtype, _ in saved}
+    assert any(dtype == torch.bool for dtype, _ in _saved(net.requires_grad_(False),
+                                                          torch.rand(1, 3, 64, 64, requires_grad=True)))
+
+
+def test_winograd_off_still_keeps_no_inputs_for_frozen_weights(monkeypatch):
+    """IMPASTO_WINOGRAD=0: direct convolutions, which with frozen weights on the CPU keep only their
+    weights, so the sign masks still apply."""
+    monkeypatch.setenv("IMPASTO_WINOGRAD", "0")
+    net = VGGFeatures("vgg16", ["relu3_3"])
+    x = torch.rand(1, 3, 64, 64, requires_grad=True)
+    assert type(net(x)["relu3_3"].grad_fn.next_functions[0][0]).__name__ == "_FrozenConv3x3Backward"
+    assert sum(dtype == torch.bool for dtype, _ in _saved(net, x)) == 4  # relu1_1, relu2_1, relu3_1, relu3_2
 
 
 def test_sign_keeping_relu_is_twice_differentiable():

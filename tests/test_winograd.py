@@ -61,11 +61,12 @@ def test_frozen_conv_uses_winograd_only_where_it_may():
     conv = FrozenConv3x3(256, 256).requires_grad_(False)
     x = torch.randn(1, 256, 16, 16)
     assert _backward_name(conv, x.clone()).startswith("_WinogradConv3x3")
-    assert _backward_name(conv, torch.randn(1, 256, 15, 32)) == "ConvolutionBackward0"  # too small a map
+    # too small a map, too few channels: direct, keeping only the weights for backward
+    assert _backward_name(conv, torch.randn(1, 256, 15, 32)) == "_FrozenConv3x3Backward"
+    narrow = FrozenConv3x3(256, 128).requires_grad_(False)
+    assert _backward_name(narrow, torch.randn(1, 256, 16, 16)) == "_FrozenConv3x3Backward"
     assert _backward_name(conv.double(), x.clone().double()) == "ConvolutionBackward0"
     conv.float()
-    narrow = FrozenConv3x3(256, 128).requires_grad_(False)
-    assert _backward_name(narrow, torch.randn(1, 256, 16, 16)) == "ConvolutionBackward0"
     with torch.autocast("cpu", dtype=torch.bfloat16):  # autocast decides the convolution's precision itself
         assert _backward_name(conv, x.clone()) == "ConvolutionBackward0"
     assert conv(torch.randn(256, 16, 16)).shape == (256, 16, 16)  # unbatched, as nn.Conv2d takes it
@@ -146,4 +147,36 @@ def test_vgg_keeps_torchvision_parameter_names_and_uses_winograd_in_deep_layers(
 def test_impasto_winograd_0_turns_it_off(monkeypatch):
     monkeypatch.setenv("IMPASTO_WINOGRAD", "0")
     conv = FrozenConv3x3(256, 256).requires_grad_(False)
-    assert _backward_name(conv, torch.randn(1, 256, 16, 16)) == "ConvolutionBackward0"
+    assert _backward_name(conv, torch.randn(1, 256, 16, 16)) == "_FrozenConv3x3Backward"  # direct, not Winograd
+
+
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_frozen_direct_conv_keeps_only_its_weights_and_gives_conv2d_gradient(channels_last):
+    """nn.Conv2d keeps its input for a weight gradient that frozen weights never need; the frozen direct
+    path keeps only the weights and gives the input gradient conv2d's own backward gives, bit for bit."""
+    torch.manual_seed(3)
+    conv = FrozenConv3x3(16, 32).requires_grad_(False)
+    x = torch.randn(2, 16, 12, 10)
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    saved: list[tuple[int, ...]] = []
+    xa, xb = x.clone().requires_grad_(), x.clone().requires_grad_()
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(tuple(t.shape)) or t, lambda t: t):
+        ya = conv(xa)
+    assert saved == [tuple(conv.weight.shape)]
+    yb = F.conv2d(xb, conv.weight, conv.bias, padding=1)
+    assert torch.equal(ya, yb)
+    g = torch.randn_like(ya)
+    ya.backward(g)
+    yb.backward(g)
+    assert torch.equal(xa.grad, xb.grad)
+
+
+
+def test_frozen_direct_conv_is_twice_differentiable():
+    from impasto.nets.winograd import _FrozenConv3x3
+
+    torch.manual_seed(4)
+    w, b = torch.randn(3, 2, 3, 3, dtype=torch.float64), torch.randn(3, dtype=torch.float64)
+    x = torch.randn(1, 2, 5, 4, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradgradcheck(lambda t: _FrozenConv3x3.apply(t, w, b) ** 2, (x,))

@@ -130,6 +130,22 @@ class _WinogradConv3x3(torch.autograd.Function):
         return gx[:, :, 1:h + 1, 1:w + 1], None
 
 
+class _FrozenConv3x3(torch.autograd.Function):
+    """A direct 3x3 convolution with frozen weights that keeps only the weights for backward (nn.Conv2d
+    keeps its input too, for a weight gradient nobody asks for): the input's gradient is the transposed
+    convolution of the output's, what conv2d's own backward computes (measured equal bit for bit)."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        ctx.save_for_backward(weight)
+        return F.conv2d(x, weight, bias, padding=1)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor, None, None]:  # differentiable: Hessians work
+        (weight,) = ctx.saved_tensors
+        return F.conv_transpose2d(grad, weight, padding=1), None, None
+
+
 def winograd_conv3x3(x: torch.Tensor, weights: WinogradWeights) -> torch.Tensor:
     """conv2d(x, weight, bias, padding=1) of the frozen weights `weights` was made from; x (N, C, H, W)."""
     return _WinogradConv3x3.apply(x, weights)
@@ -169,18 +185,22 @@ class FrozenConv3x3(nn.Conv2d):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self._use_winograd(x):
             return winograd_conv3x3(x, self._winograd_weights())
+        if self._frozen_on_cpu(x) and x.requires_grad and torch.is_grad_enabled():
+            return _FrozenConv3x3.apply(x, self.weight, self.bias)
         return super().forward(x)
 
     def keeps_no_input(self, x: torch.Tensor) -> bool:
-        """Whether a forward pass on x keeps nothing for backward: Winograd needs only the frozen weights
-        for the input's gradient, where a direct convolution keeps its input."""
-        return self._use_winograd(x)
+        """Whether a forward pass on x keeps nothing of x for backward: with frozen weights on the CPU the
+        input's gradient needs only the weights (Winograd or `_FrozenConv3x3`); nn.Conv2d keeps its input."""
+        return self._frozen_on_cpu(x)
+
+    def _frozen_on_cpu(self, x: torch.Tensor) -> bool:
+        trained = self.weight.requires_grad or (self.bias is not None and self.bias.requires_grad)
+        return (x.device.type == "cpu" and x.dtype == torch.float32 and x.dim() == 4 and x.shape[0] > 0
+                and self.weight.dtype == torch.float32 and not trained and not _cpu_autocast())
 
     def _use_winograd(self, x: torch.Tensor) -> bool:
-        trained = self.weight.requires_grad or (self.bias is not None and self.bias.requires_grad)
-        return (self.winograd and x.device.type == "cpu" and x.dtype == torch.float32 and x.dim() == 4
-                and x.shape[0] > 0 and self.weight.dtype == torch.float32 and not trained
-                and min(x.shape[-2:]) >= self.MIN_SIDE and not _cpu_autocast())
+        return self.winograd and min(x.shape[-2:]) >= self.MIN_SIDE and self._frozen_on_cpu(x)
 
     def _winograd_weights(self) -> WinogradWeights:
         key = (_fingerprint(self.weight), None if self.bias is None else _fingerprint(self.bias))
