@@ -118,3 +118,32 @@ def test_sign_keeping_relu_is_twice_differentiable():
 
     x = torch.randn(1, 2, 5, 5, dtype=torch.float64, requires_grad=True)
     assert torch.autograd.gradgradcheck(lambda t: _ReLUKeepingSign.apply(t * 1.0) ** 2, (x,))
+
+
+def test_forward_hooks_on_relus_run_when_they_keep_only_their_sign():
+    net = VGGFeatures("vgg16", ["relu3_3"])
+    calls: list[str] = []
+    net.layers.relu3_2.register_forward_hook(lambda m, i, o: calls.append("relu3_2"))
+    x = torch.rand(1, 3, 64, 64, requires_grad=True)
+    assert sum(dtype == torch.bool for dtype, _ in _saved(net, x)) == 4  # relu1_1, relu2_1, relu3_1, relu3_2
+    assert calls == ["relu3_2"]
+
+
+def test_max_pool_works_under_torch_func():
+    x = torch.randn(2, 3, 6, 6)
+    ours = torch.func.grad(lambda t: (MaxPool2x2()(t) ** 2).sum())(x)
+    theirs = torch.func.grad(lambda t: (nn.MaxPool2d(2, 2)(t) ** 2).sum())(x)
+    assert torch.equal(ours, theirs)
+    batched = torch.func.vmap(MaxPool2x2())(x.unsqueeze(1))
+    assert torch.equal(batched.squeeze(1), nn.MaxPool2d(2, 2)(x))
+
+
+def test_sign_keeping_relu_gradient_is_relus_own_nan_included():
+    from impasto.nets.vgg import _ReLUKeepingSign
+
+    x = torch.tensor([-1.0, 0.0, 2.0, float("nan")])
+    grad = torch.tensor([1.0, 2.0, 3.0, 4.0])
+    ours, theirs = x.clone().requires_grad_(), x.clone().requires_grad_()
+    _ReLUKeepingSign.apply(ours * 1.0).backward(grad)
+    torch.relu(theirs).backward(grad)
+    assert torch.equal(ours.grad, theirs.grad) and ours.grad.tolist() == [0.0, 0.0, 3.0, 4.0]

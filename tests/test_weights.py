@@ -19,6 +19,8 @@ import os
 import pathlib
 import pickle
 import socket
+import subprocess
+import sys
 import threading
 from collections.abc import Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -251,6 +253,23 @@ def test_zip_format_file_reads_only_the_convolutions_it_needs(tmp_path):
     peak = _peak_rss_during(lambda: loaded.append(load_vgg_weights("vgg16", path)))
     assert torch.equal(loaded[0][0]["conv1_2.weight"], state["features.2.weight"])
     assert peak < 64 * 2**20, f"loading took {peak / 2**20:.0f} MiB: the classifier was read"
+
+
+def test_loaded_weights_outlive_their_file(tmp_path):
+    """load_vgg_weights hands out its own tensors: with views of the memory-mapped file, rewriting the file
+    while they are alive crashed the process (SIGBUS), so this runs in a subprocess."""
+    state = torchvision_state("vgg16", n_convs=2, seed=4)
+    path = save(state, tmp_path / "vgg16.pth")
+    code = (
+        "import sys, torch\n"
+        "from impasto.nets import load_vgg_weights\n"
+        "loaded, _ = load_vgg_weights('vgg16', sys.argv[1])\n"
+        "open(sys.argv[1], 'wb').close()\n"
+        "print(float(loaded['conv1_2.weight'].double().sum()))\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code, str(path)], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert float(done.stdout) == pytest.approx(float(state["features.2.weight"].double().sum()), rel=1e-12)
 
 
 def test_torchvision_file_vgg19_indices_differ_from_vgg16(tmp_path):

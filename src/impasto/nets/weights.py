@@ -9,6 +9,7 @@ from __future__ import annotations
 import math
 import os
 import urllib.error
+import zipfile
 from collections.abc import Iterable
 from pathlib import Path
 
@@ -49,16 +50,25 @@ def load_vgg(
     `weights`: None for the official torchvision file (from `IMPASTO_WEIGHTS`, torch.hub's cache,
     or downloaded), a path to a .pth/.pt/.mat file, or "random" for He-initialized weights.
     """
-    state, normalization = load_vgg_weights(arch, weights, weights_format)
+    state, normalization = _load_weights(arch, weights, weights_format)
     net = VGGFeatures(arch, layers, pooling, normalization)
-    _assign(net, state)
+    _assign(net, state)  # copies: the file's memory map goes with `state`
     return net.to(device)
 
 
 def load_vgg_weights(
     arch: str, weights: str | os.PathLike[str] | None = None, weights_format: str = "auto"
 ) -> tuple[StateDict, Normalization]:
-    """The convolution weights, keyed `conv1_1.weight` ..., and the input normalization they expect."""
+    """The convolution weights, keyed `conv1_1.weight` ..., and the input normalization they expect.
+    The tensors are the caller's own, not views of a memory-mapped file that may change under them."""
+    state, normalization = _load_weights(arch, weights, weights_format)
+    return {k: v.clone() for k, v in state.items()}, normalization
+
+
+def _load_weights(
+    arch: str, weights: str | os.PathLike[str] | None, weights_format: str
+) -> tuple[StateDict, Normalization]:
+    """`load_vgg_weights` without the copy: tensors of a zip-format file still read from the file."""
     if arch not in _CONFIGS:
         raise ImpastoError(f"unknown network {arch!r}; choose one of {', '.join(_CONFIGS)}")
     if weights_format not in FORMATS:
@@ -117,12 +127,8 @@ def _torch_load(path: Path) -> object:
     """torch.load as data, memory-mapped where the file allows it (torch.save's zip format): then only
     the convolutions the network copies are read, not the classifier's 470 MB in a full VGG19 file.
     The official torchvision files predate that format, so they are read whole."""
-    try:
-        return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-    except RuntimeError as e:
-        if "mmap" not in str(e):
-            raise
-    return torch.load(path, map_location="cpu", weights_only=True)
+    mmap = zipfile.is_zipfile(path)
+    return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
 
 
 def _read_state_dict(path: Path, arch: str) -> StateDict:

@@ -135,10 +135,15 @@ class _FrozenConv3x3(torch.autograd.Function):
     keeps its input too, for a weight gradient nobody asks for): the input's gradient is the transposed
     convolution of the output's, what conv2d's own backward computes (measured equal bit for bit)."""
 
+    generate_vmap_rule = True
+
     @staticmethod
-    def forward(ctx, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-        ctx.save_for_backward(weight)
+    def forward(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
         return F.conv2d(x, weight, bias, padding=1)
+
+    @staticmethod
+    def setup_context(ctx, inputs: tuple, output: torch.Tensor) -> None:
+        ctx.save_for_backward(inputs[1])
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor, None, None]:  # differentiable: Hessians work
