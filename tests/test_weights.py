@@ -272,6 +272,21 @@ def test_loaded_weights_outlive_their_file(tmp_path):
     assert float(done.stdout) == pytest.approx(float(state["features.2.weight"].double().sum()), rel=1e-12)
 
 
+def test_zip_files_are_memory_mapped_and_legacy_files_read_whole(tmp_path, monkeypatch):
+    """Where the peak-RSS test above cannot reset the kernel's mark: how torch.load is asked to read."""
+    state = torchvision_state("vgg16", n_convs=2, seed=5)
+    zip_path = save(state, tmp_path / "zip.pth")
+    legacy_path = tmp_path / "legacy.pth"
+    torch.save(state, legacy_path, _use_new_zipfile_serialization=False)
+    calls: list[bool] = []
+    real_load = torch.load
+    monkeypatch.setattr(torch, "load", lambda *a, **kw: calls.append(kw.get("mmap", False)) or real_load(*a, **kw))
+    for path in (zip_path, legacy_path):
+        loaded, _ = load_vgg_weights("vgg16", path)
+        assert torch.equal(loaded["conv1_2.weight"], state["features.2.weight"])
+    assert calls == [True, False]
+
+
 def test_torchvision_file_vgg19_indices_differ_from_vgg16(tmp_path):
     # up to conv4_1: covers features.16 (conv3_4 in VGG19, pool3 in VGG16) and features.19
     state = torchvision_state("vgg19", n_convs=9, seed=2)
