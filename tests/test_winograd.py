@@ -180,3 +180,28 @@ def test_frozen_direct_conv_is_twice_differentiable():
     w, b = torch.randn(3, 2, 3, 3, dtype=torch.float64), torch.randn(3, dtype=torch.float64)
     x = torch.randn(1, 2, 5, 4, dtype=torch.float64, requires_grad=True)
     assert torch.autograd.gradgradcheck(lambda t: _FrozenConv3x3.apply(t, w, b) ** 2, (x,))
+
+
+def test_impasto_winograd_cache_0_makes_the_transform_at_each_pass_with_the_same_results(monkeypatch):
+    """IMPASTO_WINOGRAD_CACHE=0 trades speed for memory: nothing is kept between passes, not even in the
+    autograd graph between forward and backward, and the results are those of the kept transform."""
+    torch.manual_seed(5)
+    kept = FrozenConv3x3(32, 256).requires_grad_(False)
+    monkeypatch.setenv("IMPASTO_WINOGRAD_CACHE", "0")
+    lean = FrozenConv3x3(32, 256).requires_grad_(False)
+    lean.load_state_dict(kept.state_dict())
+    x = torch.randn(2, 32, 16, 20)
+    grads, outs = [], []
+    for conv in (kept, lean):
+        xi = x.clone().requires_grad_()
+        y = conv(xi)
+        if conv is lean:
+            assert conv._cached is None
+            assert not isinstance(y.grad_fn.weights, WinogradWeights)  # the graph keeps a maker, not 203 MiB
+        else:
+            assert y.grad_fn.weights is conv._cached[1]
+        y.backward(torch.ones_like(y))
+        outs.append(y.detach())
+        grads.append(xi.grad)
+    assert lean._cached is None and kept._cached is not None
+    assert torch.equal(outs[0], outs[1]) and torch.equal(grads[0], grads[1])

@@ -19,7 +19,7 @@ float32 (oneDNN's own channels-last and NCHW paths differ from each other as muc
 from __future__ import annotations
 
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -51,8 +51,9 @@ class WinogradWeights:
     def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None) -> None:
         g = torch.tensor(_G, dtype=weight.dtype, device=weight.device)
         cout, cin = weight.shape[:2]
-        transformed = torch.matmul(torch.matmul(g, weight.detach()), g.t())  # (out, in, 6, 6)
-        self.mixing = transformed.permute(2, 3, 0, 1).reshape(SPAN * SPAN, cout, cin).contiguous()  # a view otherwise
+        # G w G^T for every kernel at once, as one matrix product that writes the (36, out, in) layout
+        flat = weight.detach().reshape(cout * cin, 3 * 3)
+        self.mixing = torch.matmul(torch.kron(g, g), flat.t()).view(SPAN * SPAN, cout, cin)
         self.bias = None if bias is None else bias.detach().clone()
         self.input = _INPUT.to(weight.device, weight.dtype)
         self.input_kernels = self.input.reshape(SPAN * SPAN, 1, SPAN, SPAN)
@@ -109,12 +110,20 @@ def _padded(x: torch.Tensor, height: int, width: int, top: int) -> torch.Tensor:
     return out
 
 
+Weights = WinogradWeights | Callable[[], WinogradWeights]  # made once, or made again at each use
+
+
+def _resolve(weights: Weights) -> WinogradWeights:
+    return weights if isinstance(weights, WinogradWeights) else weights()
+
+
 class _WinogradConv3x3(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x: torch.Tensor, weights: WinogradWeights) -> torch.Tensor:
+    def forward(ctx, x: torch.Tensor, made: Weights) -> torch.Tensor:
         h, w = x.shape[-2:]
         th, tw = -(-h // TILE), -(-w // TILE)
-        ctx.weights, ctx.size = weights, (h, w)
+        ctx.weights, ctx.size = made, (h, w)  # a maker, not its product: nothing kept until backward
+        weights = _resolve(made)
         xp = _padded(x, th * TILE + 2, tw * TILE + 2, 1)
         y = x.new_empty(x.shape[0], weights.mixing.shape[1], th * TILE, tw * TILE)
         for image, out in zip(xp, y, strict=True):
@@ -123,7 +132,7 @@ class _WinogradConv3x3(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor, None]:  # differentiable ops: Hessians work
-        weights, (h, w) = ctx.weights, ctx.size
+        weights, (h, w) = _resolve(ctx.weights), ctx.size
         th, tw = -(-h // TILE), -(-w // TILE)
         gp = _padded(grad, th * TILE, tw * TILE, 0)
         gx = torch.stack([_backward(g, weights) for g in gp]) if len(gp) > 1 else _backward(gp[0], weights)[None]
@@ -151,8 +160,9 @@ class _FrozenConv3x3(torch.autograd.Function):
         return F.conv_transpose2d(grad, weight, padding=1), None, None
 
 
-def winograd_conv3x3(x: torch.Tensor, weights: WinogradWeights) -> torch.Tensor:
-    """conv2d(x, weight, bias, padding=1) of the frozen weights `weights` was made from; x (N, C, H, W)."""
+def winograd_conv3x3(x: torch.Tensor, weights: Weights) -> torch.Tensor:
+    """conv2d(x, weight, bias, padding=1) of the frozen weights `weights` was made from; x (N, C, H, W).
+    `weights` may be a function that makes them, called in forward and again in backward."""
     return _WinogradConv3x3.apply(x, weights)
 
 
@@ -175,7 +185,8 @@ class FrozenConv3x3(nn.Conv2d):
     in float32, with frozen weights, at least `MIN_CHANNELS` output channels and feature maps of
     at least `MIN_SIDE` pixels per side. Elsewhere (CUDA, MPS, training the weights, autocast) it is `nn.Conv2d`.
     The transformed weights (4x the layer's weights: 200 MB for VGG19 up to relu5_1) are made on first
-    use and remade when the weights change in place or move. IMPASTO_WINOGRAD=0 turns it off."""
+    use and remade when the weights change in place or move; IMPASTO_WINOGRAD_CACHE=0 makes them at each pass
+    instead (in forward and again in backward). IMPASTO_WINOGRAD=0 turns Winograd off."""
 
     # Measured on a 2-core CPU, forward + backward: 1.2-2.2x from 128->256 to 512->512 channels at 24x32
     # pixels or more; 0.6x at 128->128 (the transforms cost more than they save); 0.9x at 12x16, 0.4x at 8x8.
@@ -185,11 +196,14 @@ class FrozenConv3x3(nn.Conv2d):
     def __init__(self, in_channels: int, out_channels: int) -> None:
         super().__init__(in_channels, out_channels, kernel_size=3, padding=1)
         self.winograd = out_channels >= self.MIN_CHANNELS and os.environ.get("IMPASTO_WINOGRAD", "1") != "0"
+        # IMPASTO_WINOGRAD_CACHE=0: make the transformed weights at each pass instead of keeping them (203 MiB
+        # less for VGG19 up to relu5_1, about 110 ms more per evaluation on 2 cores)
+        self.keep_transform = os.environ.get("IMPASTO_WINOGRAD_CACHE", "1") != "0"
         self._cached: tuple[tuple[object, ...], WinogradWeights] | None = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self._use_winograd(x):
-            return winograd_conv3x3(x, self._winograd_weights())
+            return winograd_conv3x3(x, self._winograd_weights() if self.keep_transform else self._transform)
         if self._frozen_on_cpu(x) and x.requires_grad and torch.is_grad_enabled():
             return _FrozenConv3x3.apply(x, self.weight, self.bias)
         return super().forward(x)
@@ -206,6 +220,10 @@ class FrozenConv3x3(nn.Conv2d):
 
     def _use_winograd(self, x: torch.Tensor) -> bool:
         return self.winograd and min(x.shape[-2:]) >= self.MIN_SIDE and self._frozen_on_cpu(x)
+
+    def _transform(self) -> WinogradWeights:
+        with torch.inference_mode(False), torch.no_grad():
+            return WinogradWeights(self.weight, self.bias)
 
     def _winograd_weights(self) -> WinogradWeights:
         key = (_fingerprint(self.weight), None if self.bias is None else _fingerprint(self.bias))
