@@ -382,3 +382,39 @@ def test_a_finer_scale_starts_with_the_content_detail_the_coarser_scale_lacked(m
     assert torch.allclose(fine, (plain + detail).clamp(0, 1), atol=1e-6)
     # the coarse scale's result sets the low frequencies: shrunk back, the start is close to it
     assert (images.resize(fine, (12, 16)) - stylized).abs().mean() < 0.2 * (coarse - stylized).abs().mean()
+
+
+def test_a_run_that_fits_only_without_kept_winograd_transforms_makes_them_at_each_pass(monkeypatch):
+    """The memory guard: enough memory for everything keeps the transforms; enough only without them
+    makes them at each pass (with a warning); not even that refuses the run."""
+    from impasto.errors import ImpastoWarning
+    from impasto.nets.winograd import FrozenConv3x3
+
+    opts = StylizeOptions(style_layers=["relu3_1"], content_layers=["relu3_1"], weights="random", device="cpu")
+    hw = (64, 64)
+    cpu = torch.device("cpu")
+
+    def fresh() -> VGGFeatures:
+        return VGGFeatures("vgg19", ["relu3_1"])
+
+    net = fresh()
+    need = artistic.estimate_bytes(net, hw, opts)
+    kept = 36 * 256 * 128 * 4  # conv3_1's transform, the only Winograd layer up to relu3_1
+    conv3_1 = net.layers.conv3_1
+    assert isinstance(conv3_1, FrozenConv3x3) and conv3_1.kept_transform_bytes() == kept
+
+    monkeypatch.setattr(artistic, "available_bytes", lambda device: int((need + kept) / 0.8) + 1)
+    artistic.check_memory(net, hw, opts, cpu)
+    assert conv3_1.keep_transform
+
+    monkeypatch.setattr(artistic, "available_bytes", lambda device: int((need + kept / 2) / 0.8))
+    with pytest.warns(ImpastoWarning, match=r"fits in memory only without keeping the Winograd transforms \(4 MiB\)"):
+        artistic.check_memory(net, hw, opts, cpu)
+    assert not conv3_1.keep_transform and conv3_1.kept_transform_bytes() == 0
+    x = torch.rand(1, 3, 64, 64, requires_grad=True)
+    net(x)["relu3_1"].sum().backward()
+    assert conv3_1._cached is None and x.grad is not None
+
+    monkeypatch.setattr(artistic, "available_bytes", lambda device: int(need / 0.8) - 1)
+    with pytest.raises(ImpastoError, match="needs about"):
+        artistic.check_memory(fresh(), hw, opts, cpu)

@@ -221,6 +221,14 @@ class FrozenConv3x3(nn.Conv2d):
     def _use_winograd(self, x: torch.Tensor) -> bool:
         return self.winograd and min(x.shape[-2:]) >= self.MIN_SIDE and self._frozen_on_cpu(x)
 
+    def kept_transform_bytes(self) -> int:
+        """The memory a kept transform takes once made (36 values per kernel), 0 where none is kept."""
+        return SPAN * SPAN * self.out_channels * self.in_channels * 4 if self.winograd and self.keep_transform else 0
+
+    def make_transform_per_pass(self) -> None:
+        """From now on, make the transformed weights at each pass instead of keeping them."""
+        self.keep_transform, self._cached = False, None
+
     def _transform(self) -> WinogradWeights:
         with torch.inference_mode(False), torch.no_grad():
             return WinogradWeights(self.weight, self.bias)
