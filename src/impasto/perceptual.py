@@ -90,24 +90,19 @@ def build_loss(
     """
     blend = normalized(opts.style_blend_weights or [1.0] * len(styles))
 
-    def features(image: torch.Tensor, layers: Sequence[str]) -> dict[str, torch.Tensor]:
-        if not layers:
-            return {}
-        with autocast():  # only the network: a Gram's sums over a layer overflow float16
-            return {k: v.float() for k, v in net(to_network_layout(image.unsqueeze(0)), layers=layers).items()}
-
-    def grams(image: torch.Tensor) -> dict[str, torch.Tensor]:
-        """Each style layer's Gram matrix, taken as the pass reaches the layer: no feature map is kept."""
+    def features(image: torch.Tensor, layers: Sequence[str], as_grams: bool = False) -> dict[str, torch.Tensor]:
+        """The layers' features in float32, or their Gram matrices taken as the pass reaches each layer
+        (then no feature map is kept). Only the network runs under autocast: a Gram's sums overflow float16."""
         out: dict[str, torch.Tensor] = {}
-        if not opts.style_layers:
+        if not layers:
             return out
 
-        def on_feature(name: str, feature: torch.Tensor) -> None:
+        def keep(name: str, feature: torch.Tensor) -> None:
             with torch.autocast(image.device.type, enabled=False):
-                out[name] = gram_matrix(feature.float())
+                out[name] = gram_matrix(feature.float()) if as_grams else feature.float()
 
         with autocast():
-            net(to_network_layout(image.unsqueeze(0)), layers=opts.style_layers, on_feature=on_feature)
+            net(to_network_layout(image.unsqueeze(0)), layers=layers, on_feature=keep)
         return out
 
     # Only what the targets need is computed and kept: the content pass stops at the deepest content
@@ -122,7 +117,7 @@ def build_loss(
             if weight == 0:
                 continue
             if regions is None:
-                targets.append(StyleTarget(grams(style), weight))
+                targets.append(StyleTarget(features(style, opts.style_layers, as_grams=True), weight))
             else:
                 sf = features(style, opts.style_layers)
                 targets += _region_targets(sf, feats, regions, opts.style_layers, weight)
