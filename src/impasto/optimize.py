@@ -15,6 +15,7 @@ import torch
 from . import cuda_graphs
 from .errors import ImpastoError
 from .images import resize
+from .optimizers import LBFGS, Adam
 
 Objective = Callable[[torch.Tensor], tuple[torch.Tensor, dict[str, torch.Tensor]]]
 
@@ -51,13 +52,11 @@ class Result:
     state: dict = field(default_factory=dict)  # resumable state at the end
 
 
-def make_optimizer(params: list[torch.Tensor], settings: OptimizerSettings) -> torch.optim.Optimizer:
+def make_optimizer(x: torch.Tensor, settings: OptimizerSettings) -> Adam | LBFGS:
     if settings.name == "adam":
-        return torch.optim.Adam(params, lr=settings.lr, betas=settings.betas, eps=settings.eps)
-    if settings.name == "lbfgs":
-        # One iteration per step() call, so progress, checkpoints and interrupts happen between them.
-        return torch.optim.LBFGS(params, lr=settings.lr, max_iter=1, history_size=settings.history,
-                                 tolerance_grad=0.0, tolerance_change=0.0)
+        return Adam(x, settings.lr, settings.betas, settings.eps)
+    if settings.name == "lbfgs":  # one iteration per step(), so progress, checkpoints and interrupts come between
+        return LBFGS(x, settings.lr, settings.history)
     raise ImpastoError(f"unknown optimizer {settings.name!r}; choose lbfgs or adam")
 
 
@@ -78,7 +77,7 @@ def optimize(
     the image, returning a scalar loss and scalar terms.
     """
     x = image.detach().clone().requires_grad_(True)
-    opt = make_optimizer([x], settings)
+    opt = make_optimizer(x, settings)
     done, best_loss = 0, math.inf
     best = x.detach().clone()
     if resume is not None:
@@ -91,7 +90,7 @@ def optimize(
     run: cuda_graphs.Evaluation | None = None  # how an evaluation runs, chosen at the first one
 
     def eager() -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        opt.zero_grad(set_to_none=True)
+        x.grad = None
         loss, terms = objective(x)
         loss.backward()
         return loss, terms
@@ -116,7 +115,7 @@ def optimize(
     interrupted = False
     try:
         while done < iterations:
-            opt.step(evaluate)  # type: ignore[arg-type]
+            opt.step(evaluate)
             if not math.isfinite(last.get("total", math.inf)):
                 raise ImpastoError("the loss became NaN or infinite; lower the learning rate or weights")
             if clamp and settings.name == "adam":
