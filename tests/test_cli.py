@@ -425,3 +425,58 @@ def test_side_by_side_equal_to_output_is_refused(pics, capsys):
     assert code == 2
     the_error(err)
     assert list(pics.out_dir.iterdir()) == []
+
+
+def _unwritable(pics: SimpleNamespace, case: str) -> tuple[list[object], str]:
+    """Options whose output cannot be written, and the error line they must give."""
+    if case == "output-is-a-directory":
+        (pics.dir / "d.png").mkdir()
+        return ["-o", pics.dir / "d.png"], f"cannot write {pics.dir / 'd.png'}: it is a directory"
+    file = pics.dir / "f"
+    file.write_text("x")
+    if case == "output-under-a-file":
+        return ["-o", file / "o.png"], f"cannot write {file / 'o.png'}: {file} is not a directory"
+    return ["--state", file], f"cannot write {file / 'state.pt'}: {file} is not a directory"  # state-is-a-file
+
+
+@pytest.mark.parametrize("case", ["output-is-a-directory", "output-under-a-file", "state-is-a-file"])
+def test_an_output_that_cannot_be_written_is_refused_before_the_run(pics, capsys, case):
+    """Found only at the end, such a run was lost; now it stops before any iteration (no checkpoint yet)."""
+    extra, expected = _unwritable(pics, case)
+    ck = pics.dir / "ck"
+    code = stylize(pics, "--checkpoint-iterations", "1", "--checkpoint-output", ck / "%s.png", *extra)
+    assert code == 2
+    assert the_error(capsys.readouterr().err) == f"impasto: error: {expected}"
+    assert not ck.exists() and no_part_files(pics.dir) == []
+    assert [p.name for p in pics.dir.glob(".*probe")] == []
+
+
+def test_resume_knows_the_same_files_by_other_paths(pics, capsys, monkeypatch):
+    """A run saved with relative paths resumes with absolute ones, from another folder; other files are refused."""
+    monkeypatch.chdir(pics.dir)
+    state, whole = pics.dir / "state", pics.dir / "whole.png"
+    assert stylize(pics, "--iterations", "6", output=whole) == 0
+    assert run("stylize", "content.png", "style.png", "-o", "out/half.png", *FAST, "--iterations", "3",
+               "--state", "state") == 0
+    monkeypatch.chdir(pics.out_dir)
+    resumed = pics.dir / "resumed.png"
+    assert run("stylize", pics.content, f"../{pics.style.name}", "-o", resumed, *FAST, "--iterations", "6",
+               "--resume", state) == 0
+    assert np.array_equal(pixels(resumed), pixels(whole))
+    capsys.readouterr()
+    assert run("stylize", pics.content, pics.style2, "-o", pics.dir / "x.png", *FAST, "--iterations", "6",
+               "--resume", state) == 2
+    line = the_error(capsys.readouterr().err)  # the state was saved again by the resumed run, as it named them
+    assert line == (f"impasto: error: styles is [{str(pics.style2)!r}] but the run saved in {state} "
+                    f"used ['../style.png']")
+
+
+def test_resume_asking_fewer_iterations_than_done_is_refused(pics, capsys):
+    state = pics.dir / "state"
+    assert stylize(pics, "--iterations", "4", "--state", state) == 0
+    capsys.readouterr()
+    fewer = pics.dir / "fewer.png"
+    assert stylize(pics, "--iterations", "3", "--resume", state, output=fewer) == 2
+    assert the_error(capsys.readouterr().err) == ("impasto: error: the saved run has done 4 iterations, more than "
+                                                 "the 3 asked for; ask for at least that many")
+    assert not fewer.exists()

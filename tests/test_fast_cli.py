@@ -164,6 +164,16 @@ def test_train_refuses_outputs_that_would_clobber(tmp_path, photos, capsys):
     assert "is inside the training data folder" in one_error_line(capsys)
     assert main(["train", "--style", str(style), "--data", str(tmp_path), "-o", str(style)]) == 2
     assert "is also an input" in one_error_line(capsys)
+    (tmp_path / "f").write_text("x")  # unwritable places: refused before training, not after it
+    model = tmp_path / "f" / "m.pt"
+    assert main(["train", "--style", str(style), "--data", str(photos), "-o", str(model)]) == 2
+    assert one_error_line(capsys) == f"impasto: error: cannot write {model}: {tmp_path / 'f'} is not a directory"
+    checkpoints = tmp_path / "f" / "ck"
+    assert main(["train", "--style", str(style), "--data", str(photos), "-o", str(tmp_path / "m.pt"),
+                 "--checkpoint-dir", str(checkpoints)]) == 2
+    assert one_error_line(capsys) == (f"impasto: error: cannot write {checkpoints / 'checkpoint.pt'}: "
+                                      f"{tmp_path / 'f'} is not a directory")
+    assert not (tmp_path / "m.pt").exists()
 
 
 def test_apply_output_that_is_a_file_is_a_usage_error(tmp_path, model_path, photos, capsys):

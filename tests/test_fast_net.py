@@ -465,3 +465,19 @@ def test_real_wave_network_matches_the_reference():
     assert got.shape == (3, 96, 128)
     assert expected.std() > 0.1
     assert (got - expected).abs().max() < 1e-4
+
+
+@pytest.mark.parametrize("target", ["file_3", "manifest.json", "new.pt", "sub/new.pt"])
+def test_import_never_writes_into_the_network_it_reads(tmp_path, capsys, target):
+    """`impasto import DIR -o DIR/...` once replaced a weight file of the dump with the converted model."""
+    from impasto.cli import main
+
+    root = tmp_path / "wave"
+    write_dump(root)
+    before = {p.name: p.read_bytes() for p in root.iterdir()}
+    assert main(["import", str(root), "-o", str(root / target)]) == 2
+    err = capsys.readouterr().err
+    assert err == f"impasto: error: -o {root / target} is inside the network's folder {root}; write it elsewhere\n"
+    assert {p.name: p.read_bytes() for p in root.iterdir()} == before
+    assert main(["import", str(root), "-o", str(tmp_path / "wave.pt")]) == 0  # beside it is fine
+    assert (tmp_path / "wave.pt").is_file()

@@ -9,6 +9,7 @@ import argparse
 import dataclasses
 import json
 import math
+import os
 import sys
 import warnings
 from collections.abc import Sequence
@@ -216,11 +217,49 @@ def _run(args: argparse.Namespace, command: str, opts: Any, inputs: list[str], e
          extra: dict[str, Any] | None = None) -> int:
     """What every optimization command shares: checks before any work, progress, checkpoints, state,
     resume, atomic output with metadata, the side-by-side sheet, and Ctrl-C."""
-    from .checkpoints import Checkpointer, check_pattern, checkpoint_path, load_state, save_state
-    from .files import refuse_overwriting_inputs
+    from .checkpoints import Checkpointer, load_state, save_state
     from .progress import ProgressBar
 
-    inputs = inputs + ([opts.init] if opts.init not in ("content", "noise") else [])
+    state_dir = args.state or args.resume
+    _check_paths(args, inputs + ([opts.init] if opts.init not in ("content", "noise") else []), state_dir)
+    given = {"content": args.content, "styles": list(args.styles) if command == "stylize" else [args.style],
+             **(extra or {})}
+    meta = {"impasto": __version__, "command": command, **given, "options": opts.to_dict()}
+    state_meta = {**meta, "cwd": os.getcwd()}  # what relative paths were relative to, for a resume elsewhere
+    resume = None
+    if args.resume:
+        resume, saved = load_state(args.resume)
+        _check_resume(saved, given, opts.to_dict(), args.resume)
+    bar = ProgressBar(args.quiet, args.print_iterations)
+    checkpoints = Checkpointer(args.checkpoint_output, args.checkpoint_iterations, state_dir, args.state_every,
+                               state_meta)
+    try:
+        shown, result = engine([bar, checkpoints], resume)
+    finally:
+        bar.close()
+    outcome = {"loss": result.loss if math.isfinite(result.loss) else None, "iterations": result.iterations}
+    meta.update(outcome)
+    state_meta.update(outcome)
+    target = state_dir or (f"{args.output}.state" if result.interrupted else None)
+    if target:  # the state first: if the image cannot be written after all, the run can still be resumed
+        save_state(target, result.state, state_meta)
+    images.save_image(result.image, args.output, meta)
+    if args.side_by_side:
+        images.save_image(images.side_by_side([*shown, result.image]), args.side_by_side)
+    if result.interrupted:
+        print(f"{PROG}: interrupted after {result.iterations} iterations; best image saved to {args.output}; "
+              f"continue with --resume {target}", file=sys.stderr)
+        return EXIT_INTERRUPTED
+    if not args.quiet:
+        print(f"wrote {args.output} (loss {result.loss:.5g}, {result.iterations} iterations)", file=sys.stderr)
+    return 0
+
+
+def _check_paths(args: argparse.Namespace, inputs: list[str], state_dir: str | None) -> None:
+    """Before any work: the inputs exist, no output overwrites one, and every output can be written."""
+    from .checkpoints import STATE_FILE, check_pattern, checkpoint_path
+    from .files import check_writable, refuse_overwriting_inputs
+
     for path in inputs:
         if not Path(path).exists():
             raise ImpastoError(f"image not found: {path}")
@@ -230,50 +269,49 @@ def _run(args: argparse.Namespace, command: str, opts: Any, inputs: list[str], e
             images.check_output_format(written)
     if args.side_by_side:
         refuse_overwriting_inputs(args.side_by_side, [args.output])
+    first_checkpoint = None
     if args.checkpoint_output:
         check_pattern(args.checkpoint_output)
-        images.check_output_format(checkpoint_path(args.checkpoint_output, 1))
-    styles = list(args.styles) if command == "stylize" else [args.style]
-    meta = {"impasto": __version__, "command": command, "content": args.content, "styles": styles,
-            **(extra or {}), "options": opts.to_dict()}
-    resume = None
-    if args.resume:
-        resume, saved = load_state(args.resume)
-        _check_resume(saved, {"content": args.content, "styles": styles, **(extra or {}), **opts.to_dict()},
-                      args.resume)
-    state_dir = args.state or args.resume
-    bar = ProgressBar(args.quiet, args.print_iterations)
-    callbacks: list[Any] = [bar, Checkpointer(args.checkpoint_output, args.checkpoint_iterations, state_dir, args.state_every, meta)]
-    try:
-        shown, result = engine(callbacks, resume)
-    finally:
-        bar.close()
-    meta.update(loss=result.loss if math.isfinite(result.loss) else None, iterations=result.iterations)
-    images.save_image(result.image, args.output, meta)
-    if args.side_by_side:
-        images.save_image(images.side_by_side([*shown, result.image]), args.side_by_side)
-    if result.interrupted:
-        target = state_dir or f"{args.output}.state"
-        save_state(target, result.state, meta)
-        print(f"{PROG}: interrupted after {result.iterations} iterations; best image saved to {args.output}; "
-              f"continue with --resume {target}", file=sys.stderr)
-        return EXIT_INTERRUPTED
-    if state_dir:
-        save_state(state_dir, result.state, meta)
-    if not args.quiet:
-        print(f"wrote {args.output} (loss {result.loss:.5g}, {result.iterations} iterations)", file=sys.stderr)
-    return 0
+        first_checkpoint = checkpoint_path(args.checkpoint_output, 1)
+        images.check_output_format(first_checkpoint)
+    state_file = state_dir and str(Path(state_dir) / STATE_FILE)
+    for path in filter(None, [args.output, args.side_by_side, state_file, first_checkpoint]):
+        check_writable(path)  # now: a run whose result cannot be written at its end is lost
 
 
-def _check_resume(meta: dict[str, Any], now: dict[str, Any], directory: str) -> None:
-    saved = {k: v for k, v in meta.items() if k in ("content", "styles", "content_mask", "style_mask")}
-    saved.update(meta.get("options", {}))
-    for key, value in saved.items():
-        if key not in RESUMABLE_CHANGES and now.get(key) != value:
-            flag = key if key in ("content", "styles") else "--" + key.replace("_", "-")
-            if key not in now:
-                raise ImpastoError(f"the run saved in {directory} used {flag} {value!r}; give it again to resume")
-            raise ImpastoError(f"{flag} is {now.get(key)!r} but the run saved in {directory} used {value!r}")
+PATH_KEYS = ("content", "styles", "content_mask", "style_mask")
+
+
+def _check_resume(meta: dict[str, Any], given: dict[str, Any], options: dict[str, Any], directory: str) -> None:
+    """A resumed run must read the same files (by path, wherever it is started from) with the same options."""
+    from .files import same_file
+
+    base = Path(meta.get("cwd", "."))  # states saved before "cwd" was kept: relative to where we are
+
+    def same(saved: Any, now: Any) -> bool:
+        saved_list, now_list = (v if isinstance(v, list) else [v] for v in (saved, now))
+        return len(saved_list) == len(now_list) and all(
+            same_file(base / s, Path(n)) for s, n in zip(saved_list, now_list, strict=True))
+
+    for key in PATH_KEYS:
+        value, now = meta.get(key), given.get(key)
+        if value is None and now is not None:
+            raise ImpastoError(f"the run saved in {directory} used no {key.replace('_', '-')}; resume it without one")
+        if value is not None and (now is None or not same(value, now)):
+            _mismatch(key, now, value, directory)
+    for key, value in meta.get("options", {}).items():
+        if key not in RESUMABLE_CHANGES and options.get(key) != value:
+            _mismatch(key, options.get(key, _MISSING), value, directory)
+
+
+_MISSING = object()
+
+
+def _mismatch(key: str, now: Any, saved: Any, directory: str) -> NoReturn:
+    flag = key if key in ("content", "styles") else "--" + key.replace("_", "-")
+    if now is None or now is _MISSING:
+        raise ImpastoError(f"the run saved in {directory} used {flag} {saved!r}; give it again to resume")
+    raise ImpastoError(f"{flag} is {now!r} but the run saved in {directory} used {saved!r}")
 
 
 def add_info(sub: Any) -> None:

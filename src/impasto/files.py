@@ -11,7 +11,8 @@ from pathlib import Path
 from .errors import ImpastoError
 
 
-def _same_file(a: Path, b: Path) -> bool:
+def same_file(a: Path, b: Path) -> bool:
+    """Whether two paths name one file: the same resolved path, or a hard link."""
     try:
         return a.resolve() == b.resolve() or (a.exists() and b.exists() and os.path.samefile(a, b))
     except OSError:
@@ -22,8 +23,34 @@ def refuse_overwriting_inputs(output: str | os.PathLike[str], inputs: Iterable[s
     """Stop before a run whose output path is one of its inputs."""
     out = Path(output)
     for inp in inputs:
-        if _same_file(out, Path(inp)):
+        if same_file(out, Path(inp)):
             raise ImpastoError(f"output {out} is also an input; refusing to overwrite it")
+
+
+def refuse_writing_inside(output: str | os.PathLike[str], folder: str | os.PathLike[str], what: str) -> None:
+    """Stop before a run that would write into a folder it reads (`what` names the folder)."""
+    out, src = Path(output), Path(folder)
+    if src.is_dir() and out.resolve().is_relative_to(src.resolve()):
+        raise ImpastoError(f"-o {out} is inside {what} {src}; write it elsewhere")
+
+
+def check_writable(path: str | os.PathLike[str]) -> None:
+    """Stop before a run whose output could not be written at its end: a directory in the file's place, a file
+    in a folder's place, or a folder that cannot be written. Creates nothing that stays."""
+    target = Path(path)
+    if target.is_dir():
+        raise ImpastoError(f"cannot write {target}: it is a directory")
+    folder = target.parent if str(target.parent) else Path(".")
+    while not folder.exists() and folder != folder.parent:  # the nearest folder that exists: the rest gets made
+        folder = folder.parent
+    if not folder.is_dir():
+        raise ImpastoError(f"cannot write {target}: {folder} is not a directory")
+    try:
+        fd, probe = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".probe", dir=folder)
+    except OSError as e:
+        raise ImpastoError(f"cannot write {target}: {e.strerror or e}") from None
+    os.close(fd)
+    os.unlink(probe)
 
 
 @contextlib.contextmanager

@@ -199,6 +199,10 @@ def run_stages(
             x = resize(x, stage.size)
         report = _reporter(callbacks, index, stages, done_before)
         loop_resume = resume["loop"] if resume is not None and index == first else None
+        if loop_resume is not None and int(loop_resume["iteration"]) > stage.iterations:
+            where = f" at {stage.name}" if stage.name else ""
+            raise ImpastoError(f"the saved run has done {int(loop_resume['iteration'])} iterations{where}, more than "
+                               f"the {stage.iterations} asked for; ask for at least that many")
         result = optimize(x[None].to(device), stage.objective(), stage.iterations, settings, report, loop_resume,
                           clamp)
         x = result.image[0].detach().cpu()

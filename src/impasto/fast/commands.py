@@ -89,7 +89,7 @@ def _read_config(path: str) -> dict[str, Any]:
 
 
 def run_train(args: argparse.Namespace) -> int:
-    from ..files import refuse_overwriting_inputs
+    from ..files import check_writable, refuse_overwriting_inputs, refuse_writing_inside
     from .train import train
 
     opts = train_options(args)
@@ -98,8 +98,10 @@ def run_train(args: argparse.Namespace) -> int:
         raise ImpastoError(f"-o {output} is a directory; give the model file to write, e.g. {output / 'style.pt'}")
     given = [opts.style, getattr(args, "config", None), getattr(args, "resume", None), opts.weights]
     refuse_overwriting_inputs(output, [p for p in given if p and p != "random"])
-    if opts.data and Path(opts.data).is_dir() and output.resolve().is_relative_to(Path(opts.data).resolve()):
-        raise ImpastoError(f"-o {output} is inside the training data folder {opts.data}; write the model elsewhere")
+    if opts.data:
+        refuse_writing_inside(output, opts.data, "the training data folder")
+    for path in (output, Path(opts.checkpoint_dir or f"{output}.ckpt") / "checkpoint.pt"):
+        check_writable(path)  # now, not after the training
     if os.environ.get("RANK", "0") != "0":  # under torchrun only rank 0 reports (and writes)
         opts.quiet = True
     bar = _StepBar(opts.quiet)
@@ -165,6 +167,7 @@ def add_apply(sub: Any) -> None:
 def run_apply(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
+    from ..files import check_writable
     from ..perceptual import resolve_device
     from .apply import Failure, Job, Stylizer, plan_jobs, stylize_images
     from .models import load_model
@@ -172,6 +175,7 @@ def run_apply(args: argparse.Namespace) -> int:
     if args.batch_size < 1:
         raise ImpastoError(f"--batch-size must be positive, got {args.batch_size}")
     jobs = plan_jobs(args.inputs, args.output)
+    check_writable(Path(args.output) / "stylized")  # the folder can be made and written to
     device = resolve_device(args.device)
     net, meta = load_model(args.model, device)
     def exporting(path: Path) -> None:
@@ -240,13 +244,14 @@ def add_export(sub: Any) -> None:
 def run_export(args: argparse.Namespace) -> int:
     import torch
 
-    from ..files import refuse_overwriting_inputs
+    from ..files import check_writable, refuse_overwriting_inputs
     from .export import SUFFIX, export_model, onnx_difference
     from .models import load_model
 
     net, _ = load_model(args.model)
     output = Path(args.output or Path(args.model).with_suffix(SUFFIX[args.format]))
     refuse_overwriting_inputs(output, [args.model])
+    check_writable(output)
     export_model(net, output, args.format)
     message = f"wrote {output}"
     if args.format == "onnx" and not args.no_check:
@@ -267,9 +272,13 @@ def add_import(sub: Any) -> None:
 
 
 def run_import(args: argparse.Namespace) -> int:
+    from ..files import check_writable, refuse_overwriting_inputs, refuse_writing_inside
     from .importers import import_lengstrom
     from .models import save_model
 
+    refuse_overwriting_inputs(args.output, [args.source])
+    refuse_writing_inside(args.output, args.source, "the network's folder")
+    check_writable(args.output)
     net, meta = import_lengstrom(args.source)
     save_model(args.output, net, {**meta, "impasto": __version__})
     print(f"wrote {args.output} (style {meta['style']!r}, from {meta['imported_from']})", file=sys.stderr)
