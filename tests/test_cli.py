@@ -289,6 +289,40 @@ def test_info_on_a_png_without_metadata(pics, capsys):
     assert "content.png" in line and "no impasto parameters" in line
 
 
+def test_info_ignores_another_programs_json_comment(pics, capsys):
+    """A JPEG comment that happens to be JSON is not impasto's parameters (it once crashed `info`)."""
+    foreign, partial = pics.dir / "foreign.jpg", pics.dir / "partial.jpg"
+    Image.new("RGB", (8, 8)).save(foreign, comment=json.dumps({"command": "stylize", "x": 1}).encode())
+    Image.new("RGB", (8, 8)).save(partial, comment=json.dumps({"impasto": "0.1", "command": "stylize"}).encode())
+    assert run("info", foreign) == 2
+    assert the_error(capsys.readouterr().err) == (f"impasto: error: {foreign} has no impasto parameters "
+                                                 f"(was it written by impasto?)")
+    assert run("info", partial) == 0  # ours but without the inputs: shown, with no command to rerun it
+    captured = capsys.readouterr()
+    assert captured.out.splitlines() == ["impasto: 0.1", "command: stylize"] and captured.err == ""
+
+
+def test_info_into_a_closed_pipe_exits_quietly(pics):
+    """`impasto info OUT.png | head -1`: no traceback when the reader has gone."""
+    assert stylize(pics) == 0
+    proc = subprocess.Popen([sys.executable, "-m", "impasto", "info", str(pics.out)], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE)
+    assert proc.stdout is not None and proc.stderr is not None
+    proc.stdout.close()  # the reader is gone before the first line
+    err = proc.stderr.read().decode()
+    assert proc.wait(timeout=120) == 141
+    assert err == ""
+
+
+def test_quiet_with_print_iterations_prints_only_the_lines_asked_for(pics, capsys):
+    assert stylize(pics, "--print-iterations", "2") == 0
+    captured = capsys.readouterr()
+    lines = captured.out.splitlines()
+    assert [line.split(":")[0] for line in lines] == ["iteration 2/6", "iteration 4/6", "iteration 6/6"]
+    assert all(" loss=" in line and " style=" in line for line in lines)
+    assert [line for line in captured.err.splitlines() if not line.startswith(RANDOM_WARNING)] == []
+
+
 def test_preserve_colors_alias_sets_luminance(pics, capsys):
     assert stylize(pics, "--preserve-colors") == 0
     assert read_metadata(pics.out)["options"]["preserve_color"] == "luminance"

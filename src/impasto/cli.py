@@ -20,6 +20,7 @@ from . import __version__, images
 from .errors import EXIT_INTERRUPTED, EXIT_USAGE, ImpastoError
 
 PROG = "impasto"
+EXIT_BROKEN_PIPE = 141  # 128 + SIGPIPE, what a shell reports for a tool killed by a closed pipe
 
 
 class Parser(argparse.ArgumentParser):
@@ -154,7 +155,7 @@ def _common_groups(p: argparse.ArgumentParser, d: Any) -> None:
     g.add_argument("--device", choices=["auto", "cpu", "cuda", "mps"], default=d.device)
     g.add_argument("--amp", action="store_true", help="float16 mixed precision for the network on CUDA")
     g = p.add_argument_group("output, progress and state")
-    g.add_argument("--quiet", "-q", action="store_true", help="no progress bar")
+    g.add_argument("--quiet", "-q", action="store_true", help="no progress bar (--print-iterations lines still print)")
     g.add_argument("--print-iterations", type=int, default=0, help="print the losses every N iterations")
     g.add_argument("--checkpoint-output", help="path pattern for checkpoint images, e.g. out/ckpt_%%s.png")
     g.add_argument("--checkpoint-iterations", type=int, default=0, help="write a checkpoint image every N iterations")
@@ -326,7 +327,7 @@ def run_info(args: argparse.Namespace) -> int:
         return _model_info(args)
     meta = images.read_metadata(args.image)
     if meta is None:
-        raise ImpastoError(f"{args.image} has no impasto parameters (was it written by impasto as PNG?)")
+        raise ImpastoError(f"{args.image} has no impasto parameters (was it written by impasto?)")
     if args.json:
         print(json.dumps(meta, indent=2, sort_keys=True))
         return 0
@@ -335,7 +336,8 @@ def run_info(args: argparse.Namespace) -> int:
             print(f"{key}: {value}")
     for key, value in sorted(meta.get("options", {}).items()):
         print(f"  {key}: {value}")
-    if meta.get("command") in ("stylize", "photo"):
+    if meta.get("command") in ("stylize", "photo") and isinstance(meta.get("content"), str) \
+            and isinstance(meta.get("styles"), list):
         print("reproduce: " + reproduce_command(meta))
     return 0
 
@@ -416,6 +418,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print(f"{PROG}: interrupted", file=sys.stderr)
         return EXIT_INTERRUPTED
+    except BrokenPipeError:  # `impasto info OUT.png | head -1`: the reader is gone, as with any Unix tool
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no second error when Python flushes
+        return EXIT_BROKEN_PIPE
     except MemoryError:
         print(f"{PROG}: error: out of memory; use a smaller --size", file=sys.stderr)
         return 1

@@ -17,9 +17,15 @@ class ProgressBar:
         self._stage = -1
 
     def __call__(self, progress: Any) -> None:
-        if self.quiet:
-            return
         step = progress.step
+        line = None
+        if self.print_every and step.iteration % self.print_every == 0:
+            parts = " ".join(f"{k}={v:.5g}" for k, v in step.terms.items())
+            line = f"iteration {step.iteration}/{step.total}: loss={step.loss:.5g} {parts}"
+        if self.quiet:  # no bar; the log lines asked for still come (for logs and CI)
+            if line:
+                print(line, flush=True)
+            return
         if progress.stage != self._stage or self._bar is None:
             self.close()
             self._stage = progress.stage
@@ -30,9 +36,8 @@ class ProgressBar:
         terms = {k: f"{v:.4g}" for k, v in step.terms.items()}
         self._bar.set_postfix(loss=f"{step.loss:.4g}", **terms, refresh=False)
         self._bar.update(1)
-        if self.print_every and step.iteration % self.print_every == 0:
-            parts = " ".join(f"{k}={v:.5g}" for k, v in step.terms.items())
-            self._bar.write(f"iteration {step.iteration}/{step.total}: loss={step.loss:.5g} {parts}")
+        if line:
+            self._bar.write(line)  # on stdout, as neural_style.py's; the bar is on stderr
         if step.iteration >= step.total:
             self.close()
 
