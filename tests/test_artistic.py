@@ -326,6 +326,8 @@ REFUSED = {  # test id: (options, number of style images, expected message)
     "content-layer-unknown": (dict(content_layers=["relu4_5"]), 1, "vgg19 has no layer 'relu4_5'"),
     "vgg16-layer-unknown": (dict(model="vgg16", style_layers=["relu3_4"]), 1, "vgg16 has no layer 'relu3_4'"),
     "model-unknown": (dict(model="resnet50"), 1, "unknown --model 'resnet50'"),
+    "scales-fine-to-coarse": (dict(scales=[64, 32]), 1, "--scales must grow from coarse to fine, got 64,32"),
+    "scales-repeated": (dict(scales=[64, 64]), 1, "--scales must grow from coarse to fine, got 64,64"),
 }
 
 
@@ -340,6 +342,12 @@ def test_options_check_accepts_defaults_and_consistent_lists():
     StylizeOptions().check(1)
     StylizeOptions(style_blend_weights=[1, 2, 3], style_scales=[0.5, 1, 2], scales=[64, 128],
                    scale_iterations=[10, 5]).check(3)
+
+
+def test_layers_given_as_the_command_line_writes_them():
+    opts = StylizeOptions(style_layers="relu1_1, relu2_1", content_layers=("relu2_1",))
+    assert opts.style_layers == ["relu1_1", "relu2_1"] and opts.content_layers == ["relu2_1"]
+    opts.check(1)
 
 
 def test_stylize_checks_options_before_work(make_scene, make_texture):

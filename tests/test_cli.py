@@ -155,6 +155,8 @@ BAD_INPUT = {
     "weights file that is text": _text_weights,
     "missing weights file": lambda p: (
         [p.content, p.style], ["--weights", p.dir / "gone.pth"], ["weights file not found", "gone.pth"]),
+    "weights path is a folder": lambda p: (
+        [p.content, p.style], ["--weights", p.out_dir], ["is a directory; give the weights file in it"]),
     "resume from an empty dir": lambda p: (
         [p.content, p.style], ["--resume", p.dir], ["no saved state", "state.pt"]),
 }
@@ -514,3 +516,19 @@ def test_resume_asking_fewer_iterations_than_done_is_refused(pics, capsys):
     assert the_error(capsys.readouterr().err) == ("impasto: error: the saved run has done 4 iterations, more than "
                                                  "the 3 asked for; ask for at least that many")
     assert not fewer.exists()
+
+
+@pytest.mark.parametrize("extra", [["--checkpoint-iterations", "2"], ["--checkpoint-output", "ck_%s.png"]])
+def test_half_a_checkpoint_request_warns_that_nothing_will_be_written(pics, capsys, extra, monkeypatch):
+    monkeypatch.chdir(pics.dir)
+    assert stylize(pics, *extra) == 0
+    err = capsys.readouterr().err
+    assert ("impasto: warning: checkpoint images need both --checkpoint-output and --checkpoint-iterations; "
+            "none will be written") in err.splitlines()
+    assert sorted(p.name for p in pics.dir.glob("ck_*")) == []
+
+
+def test_amp_on_the_cpu_says_it_does_nothing_there(pics, capsys):
+    assert stylize(pics, "--amp") == 0
+    lines = capsys.readouterr().err.splitlines()
+    assert "impasto: warning: --amp applies on CUDA only; running in float32 on cpu" in lines

@@ -176,6 +176,12 @@ def test_train_refuses_outputs_that_would_clobber(tmp_path, photos, capsys):
     assert not (tmp_path / "m.pt").exists()
 
 
+def test_apply_into_its_own_input_folder_says_so(model_path, photos, capsys):
+    assert main(["apply", str(model_path), str(photos), "-o", str(photos)]) == 2
+    assert one_error_line(capsys) == (f"impasto: error: -o {photos} is the input folder {photos}; "
+                                      f"give another folder for the results")
+
+
 def test_apply_output_that_is_a_file_is_a_usage_error(tmp_path, model_path, photos, capsys):
     target = tmp_path / "afile"
     target.write_text("x")

@@ -160,9 +160,24 @@ def test_scales_are_refused_for_photo(pics, capsys):
     (["--affine-weight", "-1"], "must not be negative"),
     (["--auto-masks", "-2"], "must not be negative"),
     (["--smooth-eps", "0"], "must be positive"),
+    (["--auto-masks", "33"], "--auto-masks makes at most 32 regions, got 33"),
+    (["--style-scale", "-1"], "--style-scale must be positive"),
 ])
 def test_bad_photo_options_are_refused(pics, capsys, extra, message):
     assert_one_line_error(capsys, pics, photo(pics, *extra), message)
+
+
+def test_auto_masks_and_given_masks_are_refused_together(pics, capsys):
+    rc = photo(pics, "--auto-masks", "3", "--content-mask", pics.content_mask, "--style-mask", pics.style_mask)
+    assert_one_line_error(capsys, pics, rc, "use either --auto-masks or --content-mask/--style-mask, not both")
+
+
+def test_a_mask_of_another_shape_than_its_photo_is_stretched_with_a_warning(pics, capsys):
+    wide = pics.save("wide_mask.png", two_colour_mask(40, 80, (1.0, 1.0, 1.0), (0.0, 0.0, 0.0), True))
+    assert photo(pics, "--iterations", "1", "--no-two-pass", "--content-mask", wide, "--style-mask",
+                 pics.style_mask) == 0
+    err = capsys.readouterr().err
+    assert "impasto: warning: the content mask is 80x40 but its photo is " in err and "stretched to fit" in err
 
 
 def test_a_photo_run_prints_only_impastos_own_warnings(pics):

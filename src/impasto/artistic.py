@@ -6,6 +6,7 @@ the image is optimized coarse to fine over `scales`, each result upsampled as th
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
@@ -68,6 +69,15 @@ class StylizeOptions:
     device: str = "auto"
     amp: bool = False
 
+    def __post_init__(self) -> None:
+        """Layers as the command line takes them ("relu1_1,relu2_1") or as any sequence of names."""
+        for name in ("content_layers", "style_layers"):
+            value = getattr(self, name)
+            if isinstance(value, str):
+                setattr(self, name, [v.strip() for v in value.split(",") if v.strip()])
+            elif not isinstance(value, list):
+                setattr(self, name, list(value))
+
     def check(self, n_styles: int) -> None:
         """Refuse inconsistent options with one sentence each."""
         def positive(name: str, value: float | None) -> None:
@@ -95,6 +105,8 @@ class StylizeOptions:
                 raise ImpastoError("--style-blend-weights must not be negative")
             if sum(self.style_blend_weights) <= 0:
                 raise ImpastoError("--style-blend-weights must not all be zero")
+        if self.scales and any(b <= a for a, b in itertools.pairwise(self.scales)):
+            raise ImpastoError(f"--scales must grow from coarse to fine, got {','.join(map(str, self.scales))}")
         if self.scale_iterations is not None:
             _same_length("--scale-iterations", self.scale_iterations, len(self.scales or []), "scales")
         if self.optimizer not in DEFAULT_LR:

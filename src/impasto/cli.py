@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any, NoReturn
 
 from . import __version__, images
-from .errors import EXIT_INTERRUPTED, EXIT_USAGE, ImpastoError
+from .errors import EXIT_INTERRUPTED, EXIT_USAGE, ImpastoError, warn
 
 PROG = "impasto"
 EXIT_BROKEN_PIPE = 141  # 128 + SIGPIPE, what a shell reports for a tool killed by a closed pipe
@@ -112,7 +112,7 @@ def add_photo(sub: Any) -> None:
 def _size_group(p: argparse.ArgumentParser, d: Any, unit: str) -> Any:
     g = p.add_argument_group("size and iterations")
     g.add_argument("--iterations", type=_positive_int, default=d.iterations, help=f"iterations per {unit} (%(default)s)")
-    g.add_argument("--size", type=_positive_int, default=d.size, help="longer side of the optimized image in pixels (%(default)s)")
+    g.add_argument("--size", type=_positive_int, default=d.size, help="longer side of the optimized image in pixels (%(default)s; --width and --scales override it)")
     g.add_argument("--width", type=_positive_int, help="width of the optimized image in pixels, aspect kept (overrides --size)")
     return g
 
@@ -203,6 +203,8 @@ def run_photo(args: argparse.Namespace) -> int:
     opts.check(1)
     if (args.content_mask is None) != (args.style_mask is None):
         raise ImpastoError("give both --content-mask and --style-mask, or neither")
+    if args.content_mask is not None and opts.auto_masks:
+        raise ImpastoError("use either --auto-masks or --content-mask/--style-mask, not both")
     masks = [m for m in (args.content_mask, args.style_mask) if m]
 
     def engine(callbacks: list[Any], resume: dict | None) -> Any:
@@ -275,6 +277,8 @@ def _check_paths(args: argparse.Namespace, inputs: list[str], state_dir: str | N
         check_pattern(args.checkpoint_output)
         first_checkpoint = checkpoint_path(args.checkpoint_output, 1)
         images.check_output_format(first_checkpoint)
+    if bool(args.checkpoint_iterations) != bool(args.checkpoint_output):
+        warn("checkpoint images need both --checkpoint-output and --checkpoint-iterations; none will be written")
     state_file = state_dir and str(Path(state_dir) / STATE_FILE)
     for path in filter(None, [args.output, args.side_by_side, state_file, first_checkpoint]):
         check_writable(path)  # now: a run whose result cannot be written at its end is lost

@@ -9,7 +9,7 @@ from typing import Any, Protocol
 
 import torch
 
-from .errors import ImpastoError
+from .errors import ImpastoError, warn
 from .losses import PerceptualLoss, StyleTarget, gram_matrix, normalized
 from .nets import VGGFeatures
 from .optimize import Objective
@@ -176,6 +176,8 @@ def autocast_for(device: torch.device, amp: bool) -> Callable[[], Any]:
 
     if amp and device.type == "cuda":
         return lambda: torch.autocast("cuda", dtype=torch.float16)
+    if amp:
+        warn(f"--amp applies on CUDA only; running in float32 on {device.type}")
     return contextlib.nullcontext
 
 

@@ -159,6 +159,8 @@ def plan_jobs(inputs: Sequence[str | os.PathLike[str]], outdir: str | os.PathLik
         if src.is_dir():
             found = images.files_below(src, images.IMAGE_SUFFIXES | VIDEO_SUFFIXES, skip=out)
             if not found:
+                if out.exists() and out.resolve() == src.resolve():
+                    raise ImpastoError(f"-o {out} is the input folder {src}; give another folder for the results")
                 raise ImpastoError(f"no images or videos found in {src}")
             jobs += [_job(p, out / src.resolve().name / p.relative_to(src)) for p in found]
         elif src.is_file():

@@ -80,6 +80,8 @@ def _load_weights(
     path = Path(source) if source is not None else _torchvision_file(arch)
     if not path.is_file():
         hint = f" (from {WEIGHTS_ENV})" if weights is None and source is not None else ""
+        if path.is_dir():
+            raise ImpastoError(f"weights path {path}{hint} is a directory; give the weights file in it")
         raise ImpastoError(f"weights file not found: {path}{hint}")
     fmt = weights_format
     if fmt == "auto":

@@ -85,6 +85,10 @@ def mask_pairs(content_mask: torch.Tensor, style_mask: torch.Tensor, content_hw:
     Masks of another size than their photo are resized nearest-neighbour; a class on one side only
     is skipped with a warning; too many pixels matching no class is an error.
     """
+    for label, mask, hw in zip(names, (content_mask, style_mask), (content_hw, style_hw), strict=True):
+        h, w = mask.shape[-2:]
+        if abs(w * hw[0] - h * hw[1]) > 0.01 * w * hw[0]:  # aspect ratios differ by more than 1 %
+            warn(f"the {label} is {w}x{h} but its photo is {hw[1]}x{hw[0]}: stretched to fit")
     content_mask = _resize_nearest(content_mask, content_hw)
     style_mask = _resize_nearest(style_mask, style_hw)
     classes = mask_classes(content_mask, style_mask)

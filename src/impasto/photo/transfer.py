@@ -21,6 +21,9 @@ PHOTO_CONTENT_LAYERS = ("conv4_2",)
 PHOTO_STYLE_LAYERS = ("conv1_1", "conv2_1", "conv3_1", "conv4_1", "conv5_1")
 
 
+MAX_AUTO_MASKS = 32  # regions worth a Gram each; k-means over more costs minutes and gives slivers
+
+
 @dataclass
 class PhotoOptions(StylizeOptions):
     """The artistic options (Luan et al.'s layers as defaults) plus masks and the photorealism terms."""
@@ -38,6 +41,8 @@ class PhotoOptions(StylizeOptions):
     full_resolution: bool = True  # output at the content's size through the local affine model
 
     def check(self, n_styles: int) -> None:
+        if self.style_scales and not all(v > 0 for v in self.style_scales):
+            raise ImpastoError("--style-scale must be positive")  # photo's flag, not stylize's --style-scales
         super().check(n_styles)
         if n_styles != 1:
             raise ImpastoError("photo takes exactly one style photo")
@@ -48,6 +53,8 @@ class PhotoOptions(StylizeOptions):
         if self.affine_weight < 0 or self.auto_masks < 0 or self.smooth_radius < 1 or self.smooth_eps <= 0:
             raise ImpastoError("--affine-weight and --auto-masks must not be negative; --smooth-radius and "
                                "--smooth-eps must be positive")
+        if self.auto_masks > MAX_AUTO_MASKS:
+            raise ImpastoError(f"--auto-masks makes at most {MAX_AUTO_MASKS} regions, got {self.auto_masks}")
 
 
 def photo_transfer(

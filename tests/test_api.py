@@ -1,0 +1,54 @@
+"""The one-call API: what it accepts, what it refuses (by name, before any work), and what it returns."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from PIL import Image
+
+import impasto
+from impasto.api import as_tensor
+from impasto.errors import ImpastoError, ImpastoWarning
+
+FAST = dict(iterations=3, size=32, weights="random", pooling="avg", style_layers="relu1_1,relu2_1",
+            content_layers="relu2_1", device="cpu")
+
+
+def test_stylize_takes_tensors_pil_images_and_any_iterable_of_styles(make_scene, make_texture):
+    content = make_scene(40, 48)
+    styles = [make_texture((0.9, 0.1, 0.1), 24, 24), make_texture((0.1, 0.1, 0.9), 24, 24)]
+    given = [styles[0], impasto.images.tensor_to_pil(styles[1])]
+    with pytest.warns(ImpastoWarning, match="random VGG weights"):
+        from_list = impasto.stylize(content, given, **FAST)
+    with pytest.warns(ImpastoWarning, match="random VGG weights"):
+        from_generator = impasto.stylize(content[None], (s for s in given), **FAST)  # and a (1, 3, H, W) content
+    with pytest.warns(ImpastoWarning, match="random VGG weights"):
+        one_style = impasto.stylize(content, styles[0], **FAST)
+    assert isinstance(from_list, Image.Image) and from_list.size == (32, 27)
+    assert list(from_list.getdata()) == list(from_generator.getdata())
+    assert list(one_style.getdata()) != list(from_list.getdata())  # the second style counted
+    start = impasto.images.tensor_to_pil(impasto.images.resize(content, (27, 32)))
+    assert list(from_list.getdata()) != list(start.getdata())
+
+
+@pytest.mark.parametrize(("image", "message"), [
+    (torch.rand(32, 40, 3), r"expected a \(3, H, W\) image tensor, got shape \(32, 40, 3\); this looks channels-last"),
+    (torch.rand(1, 32, 40), r"expected a \(3, H, W\) image tensor, got shape \(1, 32, 40\)$"),
+    (torch.rand(2, 3, 8, 8), r"got shape \(2, 3, 8, 8\)"),
+    (torch.rand(3, 8, 8) * 255, r"expected values in \[0, 1\], got .* \(divide 0-255 images by 255\)"),
+    (torch.ones(3, 8, 8, dtype=torch.int64), "expected a float or uint8 image tensor, got torch.int64"),
+    (42, "expected an image path, a PIL image or a tensor, got int"),
+])
+def test_images_of_another_layout_are_refused_not_misread(image, message):
+    with pytest.raises(ImpastoError, match=message):
+        as_tensor(image)
+
+
+def test_uint8_tensors_are_read_as_0_to_255():
+    t = torch.tensor([0, 51, 255], dtype=torch.uint8).view(3, 1, 1).expand(3, 2, 2)
+    assert torch.equal(as_tensor(t), t.float() / 255)
+
+
+def test_an_unknown_option_is_refused_by_name_before_any_work(make_scene, make_texture):
+    with pytest.raises(ImpastoError, match=r"^unknown option 'iteration'; did you mean 'iterations'\? \(options: "):
+        impasto.stylize(make_scene(8, 8), make_texture((0.5, 0.5, 0.5), 8, 8), iteration=3, weights="/nonexistent")
