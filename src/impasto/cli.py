@@ -6,6 +6,7 @@ A user's mistake prints one line on stderr and exits 2; Ctrl-C keeps the best im
 from __future__ import annotations
 
 import argparse
+import copy
 import dataclasses
 import json
 import math
@@ -23,8 +24,22 @@ PROG = "impasto"
 EXIT_BROKEN_PIPE = 141  # 128 + SIGPIPE, what a shell reports for a tool killed by a closed pipe
 
 
+class _Formatter(argparse.HelpFormatter):
+    """Defaults in help as the options take them: a list as "relu1_1,relu2_1", not a Python list."""
+
+    def _expand_help(self, action: argparse.Action) -> str:
+        if isinstance(action.default, list):
+            action = copy.copy(action)
+            action.default = ",".join(map(str, action.default))
+        return super()._expand_help(action)
+
+
 class Parser(argparse.ArgumentParser):
-    """argparse with errors on one line, exit code 2."""
+    """argparse with errors on one line, exit code 2, list defaults written as the options take them."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        kwargs.setdefault("formatter_class", _Formatter)
+        super().__init__(*args, **kwargs)
 
     def error(self, message: str) -> NoReturn:
         self.exit(EXIT_USAGE, f"{self.prog}: error: {message} (see --help)\n")
@@ -125,8 +140,10 @@ def _loss_group(p: argparse.ArgumentParser, d: Any) -> Any:
     g.add_argument("--tv-power", type=float, default=d.tv_power, help="TV exponent: 2 squared, 1.25 Keras-style, 1 edge-preserving (%(default)s)")
     g.add_argument("--model", choices=["vgg19", "vgg16"], default=d.model)
     g.add_argument("--pooling", choices=["max", "avg"], default=d.pooling)
-    g.add_argument("--content-layers", type=_list_of(str), default=d.content_layers, help="(%(default)s)")
-    g.add_argument("--style-layers", type=_list_of(str), default=d.style_layers, help="(%(default)s)")
+    g.add_argument("--content-layers", type=_list_of(str), default=d.content_layers,
+                   help="layers whose features the result keeps from the content, comma-separated (%(default)s)")
+    g.add_argument("--style-layers", type=_list_of(str), default=d.style_layers,
+                   help="layers whose Gram matrices the result takes from the styles (%(default)s)")
     g.add_argument("--content-layer-weights", type=_list_of(float), help="weight per content layer")
     g.add_argument("--style-layer-weights", type=_list_of(float), help="weight per style layer (equal by default)")
     g.add_argument("--style-layer-weight-exp", type=float, default=d.style_layer_weight_exp,
@@ -145,7 +162,8 @@ def _common_groups(p: argparse.ArgumentParser, d: Any) -> None:
     g.add_argument("--init", default=d.init, help="content, noise, or an image path (%(default)s)")
     g.add_argument("--initial", dest="init", help="start from this image (same as --init PATH)")
     g.add_argument("--initial-noiseblend", type=float, default=d.initial_noiseblend, help="blend of noise into the start (0-1)")
-    g.add_argument("--seed", type=int, default=d.seed, help="(%(default)s)")
+    g.add_argument("--seed", type=int, default=d.seed,
+                   help="seed of the noise start and of everything random: the same seed, the same image on CPU (%(default)s)")
     g = p.add_argument_group("network weights and device")
     g.add_argument("--weights", "--network", dest="weights",
                    help="VGG weights: .pth (torchvision or impasto) or MatConvNet .mat; 'random' for experiments. "
@@ -161,7 +179,7 @@ def _common_groups(p: argparse.ArgumentParser, d: Any) -> None:
     g.add_argument("--checkpoint-iterations", type=int, default=0, help="write a checkpoint image every N iterations")
     g.add_argument("--side-by-side", metavar="PATH", help="also write content | style(s) | result on one sheet")
     g.add_argument("--state", metavar="DIR", help="save resumable state in DIR every --state-every iterations")
-    g.add_argument("--state-every", type=_positive_int, default=50, help="(%(default)s)")
+    g.add_argument("--state-every", type=_positive_int, default=50, help="iterations between state saves (%(default)s)")
     g.add_argument("--resume", metavar="DIR", help="continue the run whose state is in DIR")
 
 
@@ -330,7 +348,7 @@ def run_info(args: argparse.Namespace) -> int:
     if Path(args.image).suffix.lower() in (".pt", ".pth"):
         return _model_info(args)
     meta = images.read_metadata(args.image)
-    if meta is None:
+    if meta is None or "impasto" not in meta:  # every run's metadata names its version; a JPEG comment may be JSON
         raise ImpastoError(f"{args.image} has no impasto parameters (was it written by impasto?)")
     if args.json:
         print(json.dumps(meta, indent=2, sort_keys=True))
@@ -338,7 +356,8 @@ def run_info(args: argparse.Namespace) -> int:
     for key, value in meta.items():
         if key != "options":
             print(f"{key}: {value}")
-    for key, value in sorted(meta.get("options", {}).items()):
+    options = meta.get("options")
+    for key, value in sorted(options.items() if isinstance(options, dict) else []):
         print(f"  {key}: {value}")
     if meta.get("command") in ("stylize", "photo") and isinstance(meta.get("content"), str) \
             and isinstance(meta.get("styles"), list):

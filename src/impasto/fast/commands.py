@@ -36,6 +36,23 @@ _TRAIN_HELP = {
     "log_dir": "write TensorBoard logs (each loss term, sample stylizations) here",
     "workers": "data-loading worker processes",
     "device": "auto, cpu, cuda or mps",
+    "content_weight": "weight of the content loss",
+    "style_weight": "weight of the style loss",
+    "tv_weight": "weight of the total-variation loss",
+    "tv_power": "power of the total-variation loss (2: squared differences)",
+    "content_layer_weights": "a weight per content layer (default: equal)",
+    "style_layer_weights": "a weight per style layer (default: equal)",
+    "style_layer_weight_exp": "style layer i gets exp**i before normalization, as in neural_style.py",
+    "pooling": "the loss network's pooling: max or avg",
+    "weights_format": "auto, torchvision, caffe or matconvnet",
+    "batch_size": "photos per step",
+    "epochs": "passes over the training photos",
+    "learning_rate": "Adam's step size",
+    "keep_checkpoints": "checkpoints kept in --checkpoint-dir (older ones are deleted)",
+    "log_every": "write the losses to --log-dir every N steps",
+    "sample_every": "write sample stylizations to --log-dir every N steps",
+    "seed": "seed of the network's initial weights and the data order",
+    "quiet": "no progress bar",
 }
 
 
@@ -51,7 +68,7 @@ def add_train(sub: Any) -> None:
     p.add_argument("--resume", metavar="CHECKPOINT", help="continue from a checkpoint file or directory")
     for f in fields(TrainOptions):
         flag, default, kind = "--" + f.name.replace("_", "-"), getattr(d, f.name), str(f.type)
-        shown = "" if default is None else f" (default {','.join(map(str, default)) if isinstance(default, list) else default})"
+        shown = "" if default in (None, "") or kind == "bool" else f" (default {','.join(map(str, default)) if isinstance(default, list) else default})"
         help_text = _TRAIN_HELP.get(f.name, "") + shown
         if kind == "bool":
             p.add_argument(flag, action="store_true", help=help_text or None)
