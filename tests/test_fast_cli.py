@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import pytest
@@ -174,6 +175,19 @@ def test_train_refuses_outputs_that_would_clobber(tmp_path, photos, capsys):
     assert one_error_line(capsys) == (f"impasto: error: cannot write {checkpoints / 'checkpoint.pt'}: "
                                       f"{tmp_path / 'f'} is not a directory")
     assert not (tmp_path / "m.pt").exists()
+
+
+def test_train_refuses_crops_that_will_not_fit_before_any_step(tmp_path, photos, capsys):
+    style = photos / "p0.png"
+    argv = ["train", "--style", str(style), "--data", str(photos), "-o", str(tmp_path / "m.pt"), "--weights", "random",
+            "--image-size", "100000", "--steps", "1", "--quiet"]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert "Traceback" not in err
+    (line,) = [line for line in err.splitlines() if line.startswith("impasto: error:")]
+    assert re.fullmatch(r"impasto: error: a training step on 4 crops of 100000x100000 needs about [0-9.]+ GiB but cpu "
+                        r"has [0-9.]+ GiB; use a smaller --image-size or --batch-size", line), line
+    assert not (tmp_path / "m.pt").exists() and not list(tmp_path.glob("m.pt.ckpt/*"))
 
 
 def test_apply_into_its_own_input_folder_says_so(model_path, photos, capsys):

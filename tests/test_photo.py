@@ -448,7 +448,13 @@ def test_a_class_on_one_side_only_warns_and_is_skipped(side):
 def test_masks_of_another_size_are_resized_nearest_neighbour():
     cm = halves(16, 16, WHITE, BLACK, vertical=True)
     sm = halves(10, 10, WHITE, BLACK, vertical=False)
-    pairs = mask_pairs(cm, sm, (24, 32), (20, 28))
+    with pytest.warns(ImpastoWarning) as caught:
+        pairs = mask_pairs(cm, sm, (24, 32), (20, 28))
+    assert [str(w.message) for w in caught] == ["the content mask is 16x16 but its photo is 32x24: stretched to fit",
+                                                "the style mask is 10x10 but its photo is 28x20: stretched to fit"]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # the same aspect at another size: resized without a word
+        mask_pairs(halves(12, 16, WHITE, BLACK, vertical=True), sm, (24, 32), (20, 20))
     assert names(pairs) == ["black", "white"]
     for p in pairs:
         assert p.content.shape == (24, 32) and p.style.shape == (20, 28)
