@@ -532,3 +532,10 @@ def test_amp_on_the_cpu_says_it_does_nothing_there(pics, capsys):
     assert stylize(pics, "--amp") == 0
     lines = capsys.readouterr().err.splitlines()
     assert "impasto: warning: --amp applies on CUDA only; running in float32 on cpu" in lines
+
+
+@pytest.mark.parametrize("extra", [["--style-layers", ""], ["--style-weight", "0"]])
+def test_a_run_without_style_says_so(pics, capsys, extra):
+    assert stylize(pics, *extra) == 0
+    assert ("impasto: warning: no style layers or a style weight of 0: the result takes nothing from the style "
+            "images") in capsys.readouterr().err.splitlines()

@@ -233,6 +233,8 @@ def stylize_tensors(
     if not styles:
         raise ImpastoError("give at least one style image")
     opts.check(len(styles))
+    if not opts.style_layers or not opts.style_weight:
+        warn("no style layers or a style weight of 0: the result takes nothing from the style images")
     device = resolve_device(opts.device)
     torch.manual_seed(opts.seed)
     net = (net or loss_network(opts, device)).to(device)
