@@ -8,6 +8,7 @@ stand-ins (a landscape and a brush-stroke texture) and says so. Extra arguments 
 
 from __future__ import annotations
 
+import http.client
 import shutil
 import sys
 import urllib.request
@@ -36,7 +37,7 @@ def example(kind: str) -> str:
             with urllib.request.urlopen(BASE + remote, timeout=30) as response, \
                     open(cached.with_suffix(".part"), "wb") as f:
                 shutil.copyfileobj(response, f)
-        except OSError as e:
+        except (OSError, http.client.HTTPException) as e:
             drawn = HERE / "cache" / f"drawn_{kind}.png"
             print(f"demo: cannot download {BASE + remote} ({e}); using a drawn stand-in, {drawn}", file=sys.stderr)
             draw(kind).save(drawn)

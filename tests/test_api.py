@@ -45,6 +45,12 @@ def test_images_of_another_layout_are_refused_not_misread(image, message):
         as_tensor(image)
 
 
+def test_a_resampling_overshoot_is_clamped_with_a_warning():
+    t = torch.tensor([-0.1, 0.5, 1.12]).view(3, 1, 1).expand(3, 2, 2)
+    with pytest.warns(ImpastoWarning, match=r"^image values run from -0.1 to 1.12; clamped to \[0, 1\]$"):
+        assert torch.equal(as_tensor(t), t.clamp(0, 1))
+
+
 def test_uint8_tensors_are_read_as_0_to_255():
     t = torch.tensor([0, 51, 255], dtype=torch.uint8).view(3, 1, 1).expand(3, 2, 2)
     assert torch.equal(as_tensor(t), t.float() / 255)

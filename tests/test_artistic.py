@@ -348,6 +348,8 @@ def test_layers_given_as_the_command_line_writes_them():
     opts = StylizeOptions(style_layers="relu1_1, relu2_1", content_layers=("relu2_1",))
     assert opts.style_layers == ["relu1_1", "relu2_1"] and opts.content_layers == ["relu2_1"]
     opts.check(1)
+    with pytest.raises(ImpastoError, match=r"^style_layers must be layer names such as 'relu1_1,relu2_1', got None$"):
+        StylizeOptions(style_layers=None)
 
 
 def test_stylize_checks_options_before_work(make_scene, make_texture):

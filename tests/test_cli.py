@@ -25,6 +25,7 @@ import torch
 from PIL import Image
 
 from impasto.cli import main
+from impasto.errors import ImpastoError
 from impasto.images import read_metadata
 
 FAST = ["--weights", "random", "--pooling", "avg", "--size", "48", "--quiet", "--device", "cpu",
@@ -505,6 +506,51 @@ def test_resume_knows_the_same_files_by_other_paths(pics, capsys, monkeypatch):
     line = the_error(capsys.readouterr().err)  # the state was saved again by the resumed run, as it named them
     assert line == (f"impasto: error: styles is [{str(pics.style2)!r}] but the run saved in {state} "
                     f"used ['../style.png']")
+
+
+def test_a_project_moved_as_a_whole_resumes_with_its_relative_paths(pics, tmp_path, monkeypatch):
+    """Relative paths (inputs and --init) from inside a project folder that was moved since: the same files."""
+    project = tmp_path / "proj"
+    project.mkdir()
+    for name in ("content.png", "style.png"):
+        (project / name).write_bytes((pics.dir / name).read_bytes())
+    monkeypatch.chdir(project)
+    common = ["stylize", "content.png", "style.png", *FAST, "--init", "content.png"]
+    assert run(*common, "-o", "whole.png", "--iterations", "6") == 0
+    assert run(*common, "-o", "half.png", "--iterations", "3", "--state", "state") == 0
+    moved = project.rename(tmp_path / "moved")
+    monkeypatch.chdir(moved)
+    assert run(*common, "-o", "resumed.png", "--iterations", "6", "--resume", "state") == 0
+    assert np.array_equal(pixels(moved / "resumed.png"), pixels(moved / "whole.png"))
+    (moved / "sub").mkdir()
+    monkeypatch.chdir(moved / "sub")  # and --init by another relative path, from a folder below
+    again = ["stylize", "../content.png", "../style.png", *FAST, "--init", "../content.png"]
+    assert run(*again, "-o", "again.png", "--iterations", "6", "--resume", "../state") == 0
+
+
+def test_a_state_that_cannot_be_saved_does_not_cost_the_image(pics, capsys, monkeypatch):
+    from impasto import checkpoints
+
+    def full_disk(*args, **kwargs):
+        raise ImpastoError("cannot write state/state.pt: No space left on device")
+
+    monkeypatch.setattr(checkpoints, "save_state", full_disk)
+    assert stylize(pics, "--state", pics.dir / "state", "--state-every", "100") == 0
+    assert ("impasto: warning: the resumable state was not saved: cannot write state/state.pt: No space left on "
+            "device") in capsys.readouterr().err.splitlines()
+    assert pics.out.is_file()
+
+
+def test_a_closed_stdout_drops_the_log_lines_not_the_run(pics):
+    """`impasto stylize ... --print-iterations 1 | head -2`: the reader goes, the run still writes its image."""
+    argv = ["stylize", pics.content, pics.style, "-o", pics.out, *FAST, "--iterations", "6", "--print-iterations", "1"]
+    proc = subprocess.Popen([sys.executable, "-m", "impasto", *map(str, argv)], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE)
+    assert proc.stdout is not None and proc.stderr is not None
+    proc.stdout.close()
+    err = proc.stderr.read().decode()
+    assert proc.wait(timeout=120) == 0, err
+    assert "Traceback" not in err and pics.out.is_file()
 
 
 def test_resume_asking_fewer_iterations_than_done_is_refused(pics, capsys):

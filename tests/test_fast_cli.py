@@ -190,6 +190,15 @@ def test_train_refuses_crops_that_will_not_fit_before_any_step(tmp_path, photos,
     assert not (tmp_path / "m.pt").exists() and not list(tmp_path.glob("m.pt.ckpt/*"))
 
 
+def test_apply_runs_again_into_the_same_output_folder(tmp_path, model_path, photos):
+    folder = photos.rename(tmp_path / "stylized")  # a name that once collided with the writability probe
+    out = tmp_path / "out"
+    for _ in range(2):
+        assert main(["apply", str(model_path), str(folder), "-o", str(out), "--runtime", "torch", "--quiet"]) == 0
+    assert sorted(p.name for p in (out / "stylized").iterdir()) == ["p0.png", "p1.png", "p2.png", "p3.png"]
+    assert list(out.rglob(".*probe")) == []
+
+
 def test_apply_into_its_own_input_folder_says_so(model_path, photos, capsys):
     assert main(["apply", str(model_path), str(photos), "-o", str(photos)]) == 2
     assert one_error_line(capsys) == (f"impasto: error: -o {photos} is the input folder {photos}; "

@@ -69,6 +69,28 @@ def test_same_iterates_as_torch_optim(kind, dtype):
     assert ours_losses[-1] < 0.9 * ours_losses[0]
 
 
+def test_lbfgs_edge_branches_as_torch():
+    """A nonconvex function on which L-BFGS skips pairs with y.s <= 1e-10 and meets ascent directions: the
+    branches the smooth bowl above never takes, compared with torch for each learning rate."""
+    def f(x: torch.Tensor) -> torch.Tensor:
+        v = x.reshape(-1)
+        return -(v * v).sum() + 0.5 * v.pow(4).sum() + torch.sin(5 * v).sum()
+
+    skipped = 0
+    for lr in (0.1, 0.5, 1.0, 2.0):
+        ours, theirs = start(torch.float64), start(torch.float64)
+        a = LBFGS(ours, lr, history_size=3)
+        losses = []
+        for _ in range(15):
+            pairs = len(a.state.get("old_dirs", []))
+            losses += run(a, ours, f, 1)
+            skipped += a.state["n_iter"] > 1 and len(a.state["old_dirs"]) == pairs < 3
+        b = torch.optim.LBFGS([theirs], lr, max_iter=1, history_size=3, tolerance_grad=0.0, tolerance_change=0.0)
+        assert losses == run(b, theirs, f, 15)
+        assert torch.equal(ours.detach(), theirs.detach())
+    assert skipped > 0  # the test reached the branch it is about
+
+
 @pytest.mark.parametrize("kind", ["lbfgs", "adam"])
 @pytest.mark.parametrize("first", ["ours", "torch"])
 def test_a_saved_state_continues_in_the_other(kind, first):
@@ -109,12 +131,19 @@ def test_lbfgs_stops_at_a_stationary_point():
     assert opt.state["n_iter"] == 0 and opt.state["func_evals"] == 1
 
 
-def test_a_state_of_the_wrong_shape_is_refused():
+def test_a_state_of_another_layout_or_image_size_is_refused():
     opt = Adam(torch.zeros(SHAPE, requires_grad=True), 0.1, (0.9, 0.999), 1e-8)
     with pytest.raises(ImpastoError, match="^the saved optimizer state does not fit this run$"):
         opt.load_state_dict({"state": {}, "param_groups": []})
     with pytest.raises(ImpastoError, match="^the saved optimizer state does not fit this run$"):
         opt.load_state_dict({"param_groups": [{"lr": 0.1}]})
+    for kind in ("adam", "lbfgs"):
+        small = start(torch.float32)[:, :, :2].detach().requires_grad_(True)
+        a = make(kind, small, True)
+        run(a, small, lambda x: (x * x).sum(), 3)
+        b = make(kind, start(torch.float32), True)
+        with pytest.raises(ImpastoError, match=r"does not fit this run \(an image of another size\)$"):
+            b.load_state_dict(a.state_dict())
 
 
 def test_a_run_imports_no_compiler():

@@ -606,3 +606,11 @@ def test_scipy_sparse_roundtrip_to_torch():
     lap = scipy.sparse.random(20, 20, density=0.2, random_state=0, format="csr")
     dense = to_torch_sparse(lap, dtype=torch.float64).to_dense().numpy()
     np.testing.assert_array_equal(dense, lap.toarray())
+
+
+def test_the_api_refuses_masks_with_auto_masks_and_one_mask_alone():
+    photo, mask = torch.rand(3, 16, 16), halves(16, 16, WHITE, BLACK, vertical=True)
+    with pytest.raises(ImpastoError, match=r"^use either --auto-masks or --content-mask/--style-mask, not both$"):
+        photo_transfer(photo, photo, PhotoOptions(auto_masks=2, weights="/nonexistent"), mask, mask)
+    with pytest.raises(ImpastoError, match=r"^give both --content-mask and --style-mask, or neither$"):
+        photo_transfer(photo, photo, PhotoOptions(weights="/nonexistent"), mask, None)

@@ -12,7 +12,7 @@ from PIL import Image
 
 from . import images
 from .artistic import StylizeOptions, stylize_tensors
-from .errors import ImpastoError
+from .errors import ImpastoError, warn
 from .progress import ProgressBar
 
 ImageLike = str | os.PathLike[str] | Image.Image | torch.Tensor
@@ -39,9 +39,12 @@ def _checked_tensor(t: torch.Tensor) -> torch.Tensor:
         return t.float() / 255
     if not t.is_floating_point():
         raise ImpastoError(f"expected a float or uint8 image tensor, got {t.dtype}")
-    if t.numel() and (t.min() < 0 or t.max() > 1):
-        raise ImpastoError(f"expected values in [0, 1], got {float(t.min()):.4g} to {float(t.max()):.4g} "
-                           "(divide 0-255 images by 255)")
+    low, high = (float(t.min()), float(t.max())) if t.numel() else (0.0, 1.0)
+    if high > 2 or low < -1:  # not [0, 1] with a resampling overshoot: another scale (0-255, or normalized)
+        raise ImpastoError(f"expected values in [0, 1], got {low:.4g} to {high:.4g} (divide 0-255 images by 255)")
+    if low < 0 or high > 1:
+        warn(f"image values run from {low:.3g} to {high:.3g}; clamped to [0, 1]")
+        return t.clamp(0, 1)
     return t
 
 

@@ -75,8 +75,10 @@ class StylizeOptions:
             value = getattr(self, name)
             if isinstance(value, str):
                 setattr(self, name, [v.strip() for v in value.split(",") if v.strip()])
-            elif not isinstance(value, list):
+            elif isinstance(value, (tuple, set)) or hasattr(value, "__next__"):
                 setattr(self, name, list(value))
+            elif not isinstance(value, list):
+                raise ImpastoError(f"{name} must be layer names such as 'relu1_1,relu2_1', got {value!r}")
 
     def check(self, n_styles: int) -> None:
         """Refuse inconsistent options with one sentence each."""

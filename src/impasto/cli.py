@@ -216,13 +216,11 @@ def run_stylize(args: argparse.Namespace) -> int:
 
 def run_photo(args: argparse.Namespace) -> int:
     from .photo import PhotoOptions, photo_transfer
+    from .photo.transfer import check_masks
 
     opts = options_from_args(args, PhotoOptions)
     opts.check(1)
-    if (args.content_mask is None) != (args.style_mask is None):
-        raise ImpastoError("give both --content-mask and --style-mask, or neither")
-    if args.content_mask is not None and opts.auto_masks:
-        raise ImpastoError("use either --auto-masks or --content-mask/--style-mask, not both")
+    check_masks(args.content_mask, args.style_mask, opts)  # before loading anything
     masks = [m for m in (args.content_mask, args.style_mask) if m]
 
     def engine(callbacks: list[Any], resume: dict | None) -> Any:
@@ -263,13 +261,18 @@ def _run(args: argparse.Namespace, command: str, opts: Any, inputs: list[str], e
     state_meta.update(outcome)
     target = state_dir or (f"{args.output}.state" if result.interrupted else None)
     if target:  # the state first: if the image cannot be written after all, the run can still be resumed
-        save_state(target, result.state, state_meta)
+        try:
+            save_state(target, result.state, state_meta)
+        except ImpastoError as e:  # a full disk (a state can be 600 MB) must not cost the image as well
+            warn(f"the resumable state was not saved: {e}")
+            target = None
     images.save_image(result.image, args.output, meta)
     if args.side_by_side:
         images.save_image(images.side_by_side([*shown, result.image]), args.side_by_side)
     if result.interrupted:
-        print(f"{PROG}: interrupted after {result.iterations} iterations; best image saved to {args.output}; "
-              f"continue with --resume {target}", file=sys.stderr)
+        resume_hint = f"; continue with --resume {target}" if target else ""
+        print(f"{PROG}: interrupted after {result.iterations} iterations; best image saved to {args.output}"
+              + resume_hint, file=sys.stderr)
         return EXIT_INTERRUPTED
     if not args.quiet:
         print(f"wrote {args.output} (loss {result.loss:.5g}, {result.iterations} iterations)", file=sys.stderr)
@@ -293,10 +296,11 @@ def _check_paths(args: argparse.Namespace, inputs: list[str], state_dir: str | N
     first_checkpoint = None
     if args.checkpoint_output:
         check_pattern(args.checkpoint_output)
-        first_checkpoint = checkpoint_path(args.checkpoint_output, 1)
-        images.check_output_format(first_checkpoint)
+        images.check_output_format(checkpoint_path(args.checkpoint_output, 1))
     if bool(args.checkpoint_iterations) != bool(args.checkpoint_output):
         warn("checkpoint images need both --checkpoint-output and --checkpoint-iterations; none will be written")
+    elif args.checkpoint_output:
+        first_checkpoint = checkpoint_path(args.checkpoint_output, 1)
     state_file = state_dir and str(Path(state_dir) / STATE_FILE)
     for path in filter(None, [args.output, args.side_by_side, state_file, first_checkpoint]):
         check_writable(path)  # now: a run whose result cannot be written at its end is lost
@@ -307,24 +311,37 @@ PATH_KEYS = ("content", "styles", "content_mask", "style_mask")
 
 def _check_resume(meta: dict[str, Any], given: dict[str, Any], options: dict[str, Any], directory: str) -> None:
     """A resumed run must read the same files (by path, wherever it is started from) with the same options."""
-    from .files import same_file
-
-    base = Path(meta.get("cwd", "."))  # states saved before "cwd" was kept: relative to where we are
-
-    def same(saved: Any, now: Any) -> bool:
-        saved_list, now_list = (v if isinstance(v, list) else [v] for v in (saved, now))
-        return len(saved_list) == len(now_list) and all(
-            same_file(base / s, Path(n)) for s, n in zip(saved_list, now_list, strict=True))
-
     for key in PATH_KEYS:
         value, now = meta.get(key), given.get(key)
         if value is None and now is not None:
             raise ImpastoError(f"the run saved in {directory} used no {key.replace('_', '-')}; resume it without one")
-        if value is not None and (now is None or not same(value, now)):
+        if value is not None and (now is None or not _same_inputs(value, now, meta.get("cwd"))):
             _mismatch(key, now, value, directory)
     for key, value in meta.get("options", {}).items():
-        if key not in RESUMABLE_CHANGES and options.get(key) != value:
-            _mismatch(key, options.get(key, _MISSING), value, directory)
+        now = options.get(key, _MISSING)
+        if key in RESUMABLE_CHANGES or now == value:
+            continue
+        if key in PATH_OPTIONS and isinstance(value, str) and isinstance(now, str) \
+                and _same_inputs(value, now, meta.get("cwd")):
+            continue
+        _mismatch(key, now, value, directory)
+
+
+PATH_OPTIONS = ("init", "weights")  # options that may name a file
+
+
+def _same_inputs(saved: Any, now: Any, cwd: str | None) -> bool:
+    """Whether saved and given paths (one or a list) name the same files. A relative saved path is read from
+    the saved run's folder where that still holds it, else from here (a project moved as a whole)."""
+    from .files import same_file
+
+    saved_list, now_list = (v if isinstance(v, list) else [v] for v in (saved, now))
+
+    def same(s: str, n: str) -> bool:
+        there = Path(cwd or ".") / s
+        return s == n or same_file(there if there.exists() else Path(s), Path(n))
+
+    return len(saved_list) == len(now_list) and all(map(same, saved_list, now_list))
 
 
 _MISSING = object()
@@ -442,7 +459,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"{PROG}: interrupted", file=sys.stderr)
         return EXIT_INTERRUPTED
     except BrokenPipeError:  # `impasto info OUT.png | head -1`: the reader is gone, as with any Unix tool
-        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no second error when Python flushes
+        from .progress import silence_stdout
+
+        silence_stdout()  # no second error when Python flushes at exit
         return EXIT_BROKEN_PIPE
     except MemoryError:
         print(f"{PROG}: error: out of memory; use a smaller --size", file=sys.stderr)

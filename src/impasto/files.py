@@ -40,13 +40,21 @@ def check_writable(path: str | os.PathLike[str]) -> None:
     target = Path(path)
     if target.is_dir():
         raise ImpastoError(f"cannot write {target}: it is a directory")
-    folder = target.parent if str(target.parent) else Path(".")
+    _check_can_write_in(target.parent if str(target.parent) else Path("."), target)
+
+
+def check_writable_folder(path: str | os.PathLike[str]) -> None:
+    """The same for a folder that outputs go into (it may exist already, or be made)."""
+    _check_can_write_in(Path(path), Path(path))
+
+
+def _check_can_write_in(folder: Path, target: Path) -> None:
     while not folder.exists() and folder != folder.parent:  # the nearest folder that exists: the rest gets made
         folder = folder.parent
     if not folder.is_dir():
         raise ImpastoError(f"cannot write {target}: {folder} is not a directory")
     try:
-        fd, probe = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".probe", dir=folder)
+        fd, probe = tempfile.mkstemp(prefix=".impasto.", suffix=".probe", dir=folder)
     except OSError as e:
         raise ImpastoError(f"cannot write {target}: {e.strerror or e}") from None
     os.close(fd)

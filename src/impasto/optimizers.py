@@ -3,8 +3,9 @@
 torch.optim's optimizers import torch._dynamo when they are made (`torch._compile._disable_dynamo` on
 `Optimizer.add_param_group`): about 2 s and 72 MiB before a run's first iteration, for a compiler these runs
 never use. These two make the same updates as `torch.optim.Adam` and `torch.optim.LBFGS(max_iter=1)`
-without a line search, operation for operation, so their results are equal bit for bit (the tests compare
-them), and their `state_dict` has torch's layout, so a state saved by either resumes in either.
+without a line search, operation for operation, so their results are equal bit for bit on the CPU (the tests
+compare them; on CUDA torch's Adam takes its multi-tensor path, whose division may round the last bit
+differently), and their `state_dict` has torch's layout, so a state saved by either resumes in either.
 """
 
 from __future__ import annotations
@@ -36,7 +37,10 @@ class _ImageOptimizer:
             self.group.update({k: group[k] for k in self.group if k in group})
         except (KeyError, IndexError, TypeError, AttributeError):
             raise ImpastoError("the saved optimizer state does not fit this run") from None
-        self.state = {k: self._to_image(v, k) for k, v in state.items()}
+        state = {k: self._to_image(v, k) for k, v in state.items()}
+        if any(t.numel() != self.x.numel() for t in _image_sized(state)):
+            raise ImpastoError("the saved optimizer state does not fit this run (an image of another size)")
+        self.state = state
 
     def step(self, closure: Closure) -> torch.Tensor:
         raise NotImplementedError
@@ -148,3 +152,9 @@ class LBFGS(_ImageOptimizer):
             be_i = dirs[i].dot(r) * ro[i]
             r.add_(stps[i], alpha=al[i] - be_i)
         return r
+
+
+def _image_sized(state: dict[str, Any]) -> list[torch.Tensor]:
+    """The state's tensors of one value per pixel (moments, directions, history), as opposed to scalars."""
+    values = [v for value in state.values() for v in (value if isinstance(value, list) else [value])]
+    return [v for v in values if isinstance(v, torch.Tensor) and v.dim() > 0]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import sys
 from typing import Any
 
@@ -24,7 +25,7 @@ class ProgressBar:
             line = f"iteration {step.iteration}/{step.total}: loss={step.loss:.5g} {parts}"
         if self.quiet:  # no bar; the log lines asked for still come (for logs and CI)
             if line:
-                print(line, flush=True)
+                _log(line, print)
             return
         if progress.stage != self._stage or self._bar is None:
             self.close()
@@ -37,7 +38,7 @@ class ProgressBar:
         self._bar.set_postfix(loss=f"{step.loss:.4g}", **terms, refresh=False)
         self._bar.update(1)
         if line:
-            self._bar.write(line)  # on stdout, as neural_style.py's; the bar is on stderr
+            _log(line, self._bar.write)  # on stdout, as neural_style.py's; the bar is on stderr
         if step.iteration >= step.total:
             self.close()
 
@@ -45,3 +46,19 @@ class ProgressBar:
         if self._bar is not None:
             self._bar.close()
             self._bar = None
+
+
+def _log(line: str, write: Any) -> None:
+    """Write a log line to stdout; if its reader has gone (`... | head`), drop the lines, not the run."""
+    try:
+        write(line)
+        sys.stdout.flush()
+    except BrokenPipeError:
+        silence_stdout()
+
+
+def silence_stdout() -> None:
+    """Point stdout at the null device, so that later writes and Python's flush at exit raise nothing."""
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, sys.stdout.fileno())
+    os.close(devnull)

@@ -19,7 +19,7 @@ import torch.nn.functional as F
 
 from .. import images
 from ..errors import ImpastoError, warn
-from ..files import atomic_path
+from ..files import atomic_path, same_file
 from .transformer import TransformerNet
 
 VIDEO_SUFFIXES = frozenset({".mp4", ".mov", ".mkv", ".avi", ".webm", ".m4v", ".mpg", ".mpeg", ".wmv", ".flv"})
@@ -159,7 +159,7 @@ def plan_jobs(inputs: Sequence[str | os.PathLike[str]], outdir: str | os.PathLik
         if src.is_dir():
             found = images.files_below(src, images.IMAGE_SUFFIXES | VIDEO_SUFFIXES, skip=out)
             if not found:
-                if out.exists() and out.resolve() == src.resolve():
+                if same_file(out, src):
                     raise ImpastoError(f"-o {out} is the input folder {src}; give another folder for the results")
                 raise ImpastoError(f"no images or videos found in {src}")
             jobs += [_job(p, out / src.resolve().name / p.relative_to(src)) for p in found]

@@ -107,7 +107,7 @@ def _read_config(path: str) -> dict[str, Any]:
 
 def run_train(args: argparse.Namespace) -> int:
     from ..files import check_writable, refuse_overwriting_inputs, refuse_writing_inside
-    from .train import train
+    from .train import checkpoint_folder, train
 
     opts = train_options(args)
     output = Path(args.output)
@@ -117,7 +117,7 @@ def run_train(args: argparse.Namespace) -> int:
     refuse_overwriting_inputs(output, [p for p in given if p and p != "random"])
     if opts.data:
         refuse_writing_inside(output, opts.data, "the training data folder")
-    for path in (output, Path(opts.checkpoint_dir or f"{output}.ckpt") / "checkpoint.pt"):
+    for path in (output, checkpoint_folder(opts, output) / "checkpoint.pt"):
         check_writable(path)  # now, not after the training
     if os.environ.get("RANK", "0") != "0":  # under torchrun only rank 0 reports (and writes)
         opts.quiet = True
@@ -127,7 +127,7 @@ def run_train(args: argparse.Namespace) -> int:
     finally:
         bar.close()
     if result.interrupted:
-        where = opts.checkpoint_dir or f"{args.output}.ckpt"
+        where = checkpoint_folder(opts, args.output)
         if not opts.quiet or os.environ.get("RANK", "0") == "0":
             print(f"{PROG}: interrupted at step {result.step}/{result.total}; continue with --resume {where}",
                   file=sys.stderr)
@@ -184,7 +184,7 @@ def add_apply(sub: Any) -> None:
 def run_apply(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
-    from ..files import check_writable
+    from ..files import check_writable_folder
     from ..perceptual import resolve_device
     from .apply import Failure, Job, Stylizer, plan_jobs, stylize_images
     from .models import load_model
@@ -192,7 +192,7 @@ def run_apply(args: argparse.Namespace) -> int:
     if args.batch_size < 1:
         raise ImpastoError(f"--batch-size must be positive, got {args.batch_size}")
     jobs = plan_jobs(args.inputs, args.output)
-    check_writable(Path(args.output) / "stylized")  # the folder can be made and written to
+    check_writable_folder(args.output)
     device = resolve_device(args.device)
     net, meta = load_model(args.model, device)
     def exporting(path: Path) -> None:

@@ -256,6 +256,11 @@ def train_step(net: nn.Module, vgg: VGGFeatures, loss: PerceptualLoss, batch: to
     return values
 
 
+def checkpoint_folder(opts: TrainOptions, output: str | os.PathLike[str]) -> Path:
+    """Where a run's checkpoints go: --checkpoint-dir, else MODEL.ckpt/ beside the model."""
+    return Path(opts.checkpoint_dir or f"{output}.ckpt")
+
+
 def step_bytes(net: nn.Module, vgg: VGGFeatures, loss: PerceptualLoss, batch: int, size: int,
                device: torch.device) -> int:
     """Rough peak memory of a training step on `batch` crops of size x size: what a small step keeps for
@@ -372,7 +377,7 @@ def _train(opts: TrainOptions, output: Path, resume: str | os.PathLike[str] | No
     torch.manual_seed(opts.seed)
     net = TransformerNet(TransformerSpec(width=opts.width)).to(device)
     optimizer = torch.optim.Adam(net.parameters(), lr=opts.learning_rate)
-    ckpt_dir = Path(opts.checkpoint_dir or f"{output}.ckpt")
+    ckpt_dir = checkpoint_folder(opts, output)
     if resume is None and any(ckpt_dir.glob(CHECKPOINT_GLOB)):
         raise ImpastoError(f"{ckpt_dir} holds checkpoints of an earlier run; continue it with --resume {ckpt_dir}, "
                            "or remove them (or choose --checkpoint-dir) to start afresh")

@@ -57,6 +57,14 @@ class PhotoOptions(StylizeOptions):
             raise ImpastoError(f"--auto-masks makes at most {MAX_AUTO_MASKS} regions, got {self.auto_masks}")
 
 
+def check_masks(content_mask: object, style_mask: object, opts: PhotoOptions) -> None:
+    """Both masks or neither; given masks and --auto-masks exclude each other."""
+    if (content_mask is None) != (style_mask is None):
+        raise ImpastoError("give both --content-mask and --style-mask, or neither")
+    if content_mask is not None and opts.auto_masks:
+        raise ImpastoError("use either --auto-masks or --content-mask/--style-mask, not both")
+
+
 def photo_transfer(
     content: torch.Tensor,
     style: torch.Tensor,
@@ -69,8 +77,7 @@ def photo_transfer(
     """Give the (3, H, W) `content` photo the look of the `style` photo; masks are (3, H, W) colour-coded."""
     opts = opts or PhotoOptions()
     opts.check(1)
-    if (content_mask is None) != (style_mask is None):
-        raise ImpastoError("give both --content-mask and --style-mask, or neither")
+    check_masks(content_mask, style_mask, opts)
     device = resolve_device(opts.device)
     torch.manual_seed(opts.seed)
     net = loss_network(opts, device)
