@@ -128,7 +128,7 @@ def test_lbfgs_stops_at_a_stationary_point():
 
     loss = opt.step(flat)
     assert float(loss.detach()) == 0.0 and torch.equal(x.detach(), torch.zeros(SHAPE))
-    assert opt.state["n_iter"] == 0 and opt.state["func_evals"] == 1
+    assert opt.state == {"n_iter": 0}
 
 
 def test_a_state_of_another_layout_or_image_size_is_refused():

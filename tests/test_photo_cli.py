@@ -161,7 +161,7 @@ def test_scales_are_refused_for_photo(pics, capsys):
     (["--auto-masks", "-2"], "must not be negative"),
     (["--smooth-eps", "0"], "must be positive"),
     (["--auto-masks", "33"], "--auto-masks makes at most 32 regions, got 33"),
-    (["--style-scale", "-1"], "--style-scale must be positive"),
+    (["--style-scale", "-1"], "--style-scale must all be positive"),
 ])
 def test_bad_photo_options_are_refused(pics, capsys, extra, message):
     assert_one_line_error(capsys, pics, photo(pics, *extra), message)

@@ -9,7 +9,7 @@ from __future__ import annotations
 import itertools
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 
@@ -69,6 +69,13 @@ class StylizeOptions:
     device: str = "auto"
     amp: bool = False
 
+    FLAGS: ClassVar[dict[str, str]] = {}  # options whose command-line flag is not --name-with-dashes
+
+    @classmethod
+    def flag(cls, name: str) -> str:
+        """The command-line flag of the option `name`, for messages and reproduce commands."""
+        return cls.FLAGS.get(name, "--" + name.replace("_", "-"))
+
     def __post_init__(self) -> None:
         """Layers as the command line takes them ("relu1_1,relu2_1") or as any sequence of names."""
         for name in ("content_layers", "style_layers"):
@@ -95,13 +102,13 @@ class StylizeOptions:
         if self.initial_noiseblend > 1:
             raise ImpastoError("--initial-noiseblend must be between 0 and 1")
         _same_length("--style-blend-weights", self.style_blend_weights, n_styles, "style images")
-        _same_length("--style-scales", self.style_scales, n_styles, "style images")
+        _same_length(self.flag("style_scales"), self.style_scales, n_styles, "style images")
         _same_length("--content-layer-weights", self.content_layer_weights, len(self.content_layers), "content layers")
         _same_length("--style-layer-weights", self.style_layer_weights, len(self.style_layers), "style layers")
         for name in ("style_scales", "scales", "scale_iterations"):
             values = getattr(self, name) or []
             if any(not v > 0 for v in values):
-                raise ImpastoError(f"--{name.replace('_', '-')} must all be positive")
+                raise ImpastoError(f"{self.flag(name)} must all be positive")
         if self.style_blend_weights is not None:
             if any(not v >= 0 for v in self.style_blend_weights):
                 raise ImpastoError("--style-blend-weights must not be negative")

@@ -409,7 +409,8 @@ def reproduce_command(meta: dict[str, Any]) -> str:
     from .photo import PhotoOptions
 
     command = meta.get("command", "stylize")
-    defaults = (PhotoOptions if command == "photo" else StylizeOptions)().to_dict()
+    kind = PhotoOptions if command == "photo" else StylizeOptions
+    defaults = kind().to_dict()
     words = ["impasto", command, meta["content"], *meta["styles"], "-o", "OUT.png"]
     for key in ("content_mask", "style_mask"):
         if meta.get(key):
@@ -417,9 +418,7 @@ def reproduce_command(meta: dict[str, Any]) -> str:
     for key, value in meta.get("options", {}).items():
         if value == defaults.get(key) or value is None:
             continue
-        flag = "--" + key.replace("_", "-")
-        if command == "photo" and key == "style_scales":
-            flag = "--style-scale"
+        flag = kind.flag(key)
         if isinstance(value, bool):
             words += [flag] if value else [f"--no-{key.replace('_', '-')}"]
         else:

@@ -63,16 +63,13 @@ class Adam(_ImageOptimizer):
                              "maximize": False, "foreach": None, "capturable": False, "differentiable": False,
                              "fused": None, "decoupled_weight_decay": False})  # torch's keys, for its loader
 
+    @torch.no_grad()
     def step(self, closure: Closure) -> torch.Tensor:
         with torch.enable_grad():
             loss = closure()
-        with torch.no_grad():
-            self._update(self.x, self.x.grad)
-        return loss
-
-    def _update(self, x: torch.Tensor, grad: torch.Tensor | None) -> None:
+        x, grad = self.x, self.x.grad
         if grad is None:
-            return
+            return loss
         lr, (beta1, beta2), eps = self.group["lr"], self.group["betas"], self.group["eps"]
         if not self.state:
             zeros = [torch.zeros_like(x, memory_format=torch.preserve_format) for _ in range(2)]
@@ -85,6 +82,7 @@ class Adam(_ImageOptimizer):
         bias_correction2_sqrt = (1 - beta2**step) ** 0.5
         denom = (s["exp_avg_sq"].sqrt() / bias_correction2_sqrt).add_(eps)
         x.addcdiv_(s["exp_avg"], denom, value=-(lr / (1 - beta1**step)))
+        return loss
 
 
 class LBFGS(_ImageOptimizer):
@@ -101,8 +99,7 @@ class LBFGS(_ImageOptimizer):
         with torch.enable_grad():
             loss = closure()
         grad = self.x.grad
-        s = self.state
-        s["func_evals"] = s.get("func_evals", 0) + 1
+        s = self.state  # torch's keys, less func_evals and prev_loss: one iteration per step never reads them
         s.setdefault("n_iter", 0)
         if grad is None or grad.abs().max() <= 0:  # a stationary point: nothing to do
             return loss
@@ -117,7 +114,6 @@ class LBFGS(_ImageOptimizer):
             s["prev_flat_grad"] = g.clone(memory_format=torch.contiguous_format)
         else:
             s["prev_flat_grad"].copy_(g)
-        s["prev_loss"] = float(loss)
         lr = self.group["lr"]
         s["t"] = min(1.0, 1.0 / g.abs().sum()) * lr if s["n_iter"] == 1 else lr
         if not g.dot(s["d"]) > 0:  # torch's test with tolerance_change 0: no step uphill

@@ -241,14 +241,20 @@ def style_loss_template(vgg: VGGFeatures, style: torch.Tensor, opts: TrainOption
     return perceptual_loss(opts, {}, [StyleTarget(grams)])
 
 
-def train_step(net: nn.Module, vgg: VGGFeatures, loss: PerceptualLoss, batch: torch.Tensor,
-               optimizer: torch.optim.Optimizer) -> dict[str, float]:
-    """One optimizer step on a batch in [0, 1]: content features of the batch itself, the styled
-    batch's features against them and the style's Grams. Returns the loss and its terms."""
+def batch_loss(net: nn.Module, vgg: VGGFeatures, loss: PerceptualLoss,
+               batch: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """The loss of the styled batch: its features against the content features of the batch itself, and
+    its Grams against the style's."""
     with torch.no_grad():
         content = vgg(batch, loss.content_layer_weights)
     out = net(batch)
-    total, terms = replace(loss, content_targets=content)(out, vgg(out))
+    return replace(loss, content_targets=content)(out, vgg(out))
+
+
+def train_step(net: nn.Module, vgg: VGGFeatures, loss: PerceptualLoss, batch: torch.Tensor,
+               optimizer: torch.optim.Optimizer) -> dict[str, float]:
+    """One optimizer step on a batch in [0, 1]. Returns the loss and its terms."""
+    total, terms = batch_loss(net, vgg, loss, batch)
     optimizer.zero_grad(set_to_none=True)
     total.backward()
     values = {"loss": float(total.detach()), **{k: float(v.detach()) for k, v in terms.items()}}
@@ -276,12 +282,8 @@ def step_bytes(net: nn.Module, vgg: VGGFeatures, loss: PerceptualLoss, batch: in
             kept[t.data_ptr()] = max(kept.get(t.data_ptr(), 0), t.numel() * t.element_size())
         return t
 
-    x = torch.rand(1, 3, probe, probe, device=device)
-    with torch.no_grad():
-        content = vgg(x, loss.content_layer_weights)
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        out = net(x)
-        replace(loss, content_targets=content)(out, vgg(out))
+        batch_loss(net, vgg, loss, torch.rand(1, 3, probe, probe, device=device))
     weights = sum(p.numel() * p.element_size() for p in net.parameters())
     return int(1.25 * sum(kept.values()) * batch * (size / probe) ** 2) + 4 * weights
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from typing import ClassVar
 
 import torch
 
@@ -40,9 +41,9 @@ class PhotoOptions(StylizeOptions):
     smooth_eps: float = 1e-4
     full_resolution: bool = True  # output at the content's size through the local affine model
 
+    FLAGS: ClassVar[dict[str, str]] = {"style_scales": "--style-scale"}  # one style photo, one scale
+
     def check(self, n_styles: int) -> None:
-        if self.style_scales and not all(v > 0 for v in self.style_scales):
-            raise ImpastoError("--style-scale must be positive")  # photo's flag, not stylize's --style-scales
         super().check(n_styles)
         if n_styles != 1:
             raise ImpastoError("photo takes exactly one style photo")
