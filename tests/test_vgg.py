@@ -1,11 +1,11 @@
-"""The VGG stack's own layers: max pooling that keeps no indices for the backward pass."""
+"""The VGG stack's own layers: ReLUs and max pooling that keep less than PyTorch's for the backward pass."""
 
 import pytest
 import torch
 from torch import nn
 
 from impasto.nets import VGGFeatures
-from impasto.nets.vgg import MaxPool2x2
+from impasto.nets.vgg import LeanReLU, MaxPool2x2
 
 
 def _saved_dtypes(fn, x: torch.Tensor) -> list[torch.dtype]:
@@ -84,7 +84,7 @@ def test_relu_before_a_winograd_conv_keeps_only_its_sign_and_the_gradient_is_unc
     grads = []
     for sign_only in (True, False):
         if not sign_only:  # the plain in-place ReLU, which keeps its float output
-            monkeypatch.setattr(VGGFeatures, "_sign_is_enough", staticmethod(lambda *a: False))
+            monkeypatch.setattr(VGGFeatures, "_relu_keeps", staticmethod(lambda *a: "output"))
             assert _saved(net, x.clone().requires_grad_()).count((torch.float32, feature_map)) == 3
         xi = x.clone().requires_grad_()
         out = net(xi)["relu3_3"]
@@ -147,3 +147,112 @@ def test_sign_keeping_relu_gradient_is_relus_own_nan_included():
     _ReLUKeepingSign.apply(ours * 1.0).backward(grad)
     torch.relu(theirs).backward(grad)
     assert torch.equal(ours.grad, theirs.grad) and ours.grad.tolist() == [0.0, 0.0, 3.0, 4.0]
+
+
+def _lean_pair(x: torch.Tensor) -> torch.Tensor:
+    """An in-place ReLU that keeps nothing, then the max pooling that does its backward, as VGGFeatures runs
+    them where no loss reads the ReLU's output."""
+    return MaxPool2x2()(LeanReLU(inplace=True)(x * 1.0, keep="nothing"), after_lean_relu=True)
+
+
+@pytest.mark.parametrize("channels_last", [False, True])
+@pytest.mark.parametrize("hw", [(12, 10), (13, 11), (8, 15)])
+def test_relu_then_pool_keeping_nothing_gives_torch_values_and_gradient_bit_for_bit(channels_last, hw):
+    torch.manual_seed(0)
+    x = torch.randn(2, 8, *hw)
+    x[0, 0, :4, :4] = 1.5  # ties at a positive maximum: the first one gets the gradient
+    x[0, 1, :4, :4] = -1.0  # a window with nothing positive: no gradient at all
+    x[1, 0, 0, 1] = float("nan")  # NaN passes, as through nn.ReLU and nn.MaxPool2d
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    ours, theirs = x.clone().requires_grad_(), x.clone().requires_grad_()
+    y_ours, y_theirs = _lean_pair(ours), nn.MaxPool2d(2, 2)(torch.relu(theirs))
+    assert torch.equal(y_ours.isnan(), y_theirs.isnan()) and y_ours.isnan().sum() == 1
+    assert torch.equal(y_ours.nan_to_num(), y_theirs.nan_to_num())
+    grad = torch.randn_like(y_ours)
+    y_ours.backward(grad)
+    y_theirs.backward(grad)
+    assert torch.equal(ours.grad, theirs.grad)
+    assert ours.grad[0, 0, :2, :2].tolist() == [[grad[0, 0, 0, 0].item(), 0.0], [0.0, 0.0]]
+    assert not ours.grad[0, 1, :4, :4].any()
+    assert ours.grad[1, 0, 0, 1] == grad[1, 0, 0, 0]
+
+
+def test_relu_then_pool_keeps_one_byte_per_pooled_value():
+    x = torch.randn(1, 4, 8, 8, requires_grad=True)
+    saved: list[tuple[torch.dtype, tuple[int, ...]]] = []
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        saved.append((t.dtype, tuple(t.shape)))
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        _lean_pair(x)
+    assert saved == [(torch.uint8, (1, 4, 4, 4))]
+
+
+def test_relu_then_pool_keeping_nothing_is_twice_differentiable_and_works_under_torch_func():
+    x = torch.randn(1, 2, 6, 6, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradgradcheck(lambda t: _lean_pair(t) ** 2, (x,))
+    y = torch.randn(2, 3, 6, 6)
+    ours = torch.func.grad(lambda t: (_lean_pair(t) ** 2).sum())(y)
+    theirs = torch.func.grad(lambda t: (nn.MaxPool2d(2, 2)(torch.relu(t)) ** 2).sum())(y)
+    assert torch.equal(ours, theirs)
+
+
+@pytest.mark.parametrize("pooling", ["max", "avg"])
+def test_vgg_keeps_no_float_output_of_relus_before_pooling_and_its_gradient_is_unchanged(monkeypatch, pooling):
+    """relu1_2 and relu2_2 feed the pooling layers and no loss reads them: before max pooling they keep
+    nothing (the pooling keeps a byte per output), before average pooling only their sign. The gradient
+    of the whole stack is the one of plain ReLUs bit for bit."""
+    torch.manual_seed(0)
+    net = VGGFeatures("vgg16", ["relu1_1", "relu3_1"], pooling=pooling)
+    x = torch.rand(1, 3, 32, 32)
+    saved = _saved(net, x.clone().requires_grad_())
+    relu1_2, relu2_2 = (1, 64, 32, 32), (1, 128, 16, 16)
+    assert saved.count((torch.float32, relu1_2)) == 1  # relu1_1's output, which a loss reads
+    assert saved.count((torch.float32, relu2_2)) == 0  # relu2_1 keeps its sign: conv2_2 keeps nothing
+    if pooling == "max":
+        codes = [shape for dtype, shape in saved if dtype == torch.uint8]
+        assert codes == [(1, 64, 16, 16), (1, 128, 8, 8)]  # a byte per pooled value
+        assert saved.count((torch.bool, relu1_2)) == 0
+    else:
+        assert torch.uint8 not in {dtype for dtype, _ in saved}
+        assert saved.count((torch.bool, relu1_2)) == 1 and saved.count((torch.bool, relu2_2)) == 2
+
+    grads = []
+    for plain in (False, True):
+        if plain:
+            monkeypatch.setattr(VGGFeatures, "_relu_keeps", staticmethod(lambda *a: "output"))
+        xi = x.clone().requires_grad_()
+        out = net(xi)
+        (out["relu1_1"].square().sum() + out["relu3_1"].sum()).backward()
+        grads.append(xi.grad)
+    assert torch.equal(grads[0], grads[1])
+
+
+def test_a_relu_a_loss_reads_keeps_its_output_before_pooling():
+    net = VGGFeatures("vgg16", ["relu1_2", "relu2_1"])
+    x = torch.rand(1, 3, 16, 16, requires_grad=True)
+    saved = _saved(net, x)
+    assert (torch.float32, (1, 64, 16, 16)) in saved  # relu1_2's output, read by a loss and kept
+    assert torch.uint8 not in {dtype for dtype, _ in saved}
+
+
+def test_average_pooling_gives_torch_values_and_gradient_and_keeps_nothing():
+    from impasto.nets.vgg import AvgPool2x2
+
+    torch.manual_seed(0)
+    for hw in ((12, 10), (13, 11)):
+        x = torch.randn(2, 3, *hw)
+        ours, theirs = x.clone().requires_grad_(), x.clone().requires_grad_()
+        y_ours, y_theirs = AvgPool2x2()(ours), nn.AvgPool2d(2, 2)(theirs)
+        assert torch.equal(y_ours, y_theirs)
+        grad = torch.randn_like(y_ours)
+        y_ours.backward(grad)
+        y_theirs.backward(grad)
+        assert torch.equal(ours.grad, theirs.grad)
+    assert _saved_dtypes(AvgPool2x2(), torch.randn(1, 2, 4, 4, requires_grad=True)) == []
+    assert _saved_dtypes(nn.AvgPool2d(2, 2), torch.randn(1, 2, 4, 4, requires_grad=True)) == [torch.float32]
+    x64 = torch.randn(1, 2, 6, 6, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradgradcheck(lambda t: AvgPool2x2()(t) ** 2, (x64,))
