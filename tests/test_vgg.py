@@ -1,5 +1,7 @@
 """The VGG stack's own layers: ReLUs and max pooling that keep less than PyTorch's for the backward pass."""
 
+from collections.abc import Callable
+
 import pytest
 import torch
 from torch import nn
@@ -56,7 +58,7 @@ def test_vgg_max_pooling_saves_no_indices():
     assert sum(isinstance(m, MaxPool2x2) for m in net.modules()) == 2
 
 
-def _saved(net: VGGFeatures, x: torch.Tensor) -> list[tuple[torch.dtype, tuple[int, ...]]]:
+def _saved(net: Callable[[torch.Tensor], object], x: torch.Tensor) -> list[tuple[torch.dtype, tuple[int, ...]]]:
     saved: list[tuple[torch.dtype, tuple[int, ...]]] = []
 
     def pack(t: torch.Tensor) -> torch.Tensor:
@@ -179,16 +181,7 @@ def test_relu_then_pool_keeping_nothing_gives_torch_values_and_gradient_bit_for_
 
 
 def test_relu_then_pool_keeps_one_byte_per_pooled_value():
-    x = torch.randn(1, 4, 8, 8, requires_grad=True)
-    saved: list[tuple[torch.dtype, tuple[int, ...]]] = []
-
-    def pack(t: torch.Tensor) -> torch.Tensor:
-        saved.append((t.dtype, tuple(t.shape)))
-        return t
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        _lean_pair(x)
-    assert saved == [(torch.uint8, (1, 4, 4, 4))]
+    assert _saved(_lean_pair, torch.randn(1, 4, 8, 8, requires_grad=True)) == [(torch.uint8, (1, 4, 4, 4))]
 
 
 def test_relu_then_pool_keeping_nothing_is_twice_differentiable_and_works_under_torch_func():
