@@ -10,16 +10,31 @@ from impasto.nets import VGGFeatures
 from impasto.nets.vgg import LeanReLU, MaxPool2x2
 
 
-def _saved_dtypes(fn, x: torch.Tensor) -> list[torch.dtype]:
-    dtypes: list[torch.dtype] = []
+def _saved(fn: Callable[[torch.Tensor], object], x: torch.Tensor) -> list[tuple[torch.dtype, tuple[int, ...]]]:
+    """The dtype and shape of every tensor a forward pass of fn keeps for backward."""
+    saved: list[tuple[torch.dtype, tuple[int, ...]]] = []
 
     def pack(t: torch.Tensor) -> torch.Tensor:
-        dtypes.append(t.dtype)
+        saved.append((t.dtype, tuple(t.shape)))
         return t
 
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
         fn(x)
-    return dtypes
+    return saved
+
+
+def _saved_dtypes(fn: Callable[[torch.Tensor], object], x: torch.Tensor) -> list[torch.dtype]:
+    return [dtype for dtype, _ in _saved(fn, x)]
+
+
+def _against_torch(ours_fn, theirs_fn, x: torch.Tensor):
+    """Both functions' outputs on x and the gradients to x of one random output gradient, and that gradient."""
+    ours, theirs = x.clone().requires_grad_(), x.clone().requires_grad_()
+    y_ours, y_theirs = ours_fn(ours), theirs_fn(theirs)
+    grad = torch.randn_like(y_ours)
+    y_ours.backward(grad)
+    y_theirs.backward(grad)
+    return y_ours, y_theirs, ours.grad, theirs.grad, grad
 
 
 @pytest.mark.parametrize("channels_last", [False, True])
@@ -30,14 +45,10 @@ def test_max_pool_gives_torch_values_and_gradient_bit_for_bit(channels_last, hw)
     x[0, 0, :4, :4] = 1.5  # and ties at a positive maximum: the first one gets the gradient
     if channels_last:
         x = x.contiguous(memory_format=torch.channels_last)
-    ours, theirs = x.clone().requires_grad_(), x.clone().requires_grad_()
-    y_ours, y_theirs = MaxPool2x2()(ours), nn.MaxPool2d(2, 2)(theirs)
+    y_ours, y_theirs, g_ours, g_theirs, grad = _against_torch(MaxPool2x2(), nn.MaxPool2d(2, 2), x)
     assert torch.equal(y_ours, y_theirs)
-    grad = torch.randn_like(y_ours)
-    y_ours.backward(grad)
-    y_theirs.backward(grad)
-    assert torch.equal(ours.grad, theirs.grad)
-    assert ours.grad[0, 0, :2, :2].tolist() == [[grad[0, 0, 0, 0].item(), 0.0], [0.0, 0.0]]
+    assert torch.equal(g_ours, g_theirs)
+    assert g_ours[0, 0, :2, :2].tolist() == [[grad[0, 0, 0, 0].item(), 0.0], [0.0, 0.0]]
 
 
 def test_max_pool_keeps_its_input_only_not_int64_indices():
@@ -56,18 +67,6 @@ def test_vgg_max_pooling_saves_no_indices():
     x = torch.rand(1, 3, 32, 32, requires_grad=True)
     assert torch.int64 not in _saved_dtypes(net, x)
     assert sum(isinstance(m, MaxPool2x2) for m in net.modules()) == 2
-
-
-def _saved(net: Callable[[torch.Tensor], object], x: torch.Tensor) -> list[tuple[torch.dtype, tuple[int, ...]]]:
-    saved: list[tuple[torch.dtype, tuple[int, ...]]] = []
-
-    def pack(t: torch.Tensor) -> torch.Tensor:
-        saved.append((t.dtype, tuple(t.shape)))
-        return t
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        net(x)
-    return saved
 
 
 def test_relu_before_a_winograd_conv_keeps_only_its_sign_and_the_gradient_is_unchanged(monkeypatch):
@@ -167,17 +166,14 @@ def test_relu_then_pool_keeping_nothing_gives_torch_values_and_gradient_bit_for_
     x[1, 0, 0, 1] = float("nan")  # NaN passes, as through nn.ReLU and nn.MaxPool2d
     if channels_last:
         x = x.contiguous(memory_format=torch.channels_last)
-    ours, theirs = x.clone().requires_grad_(), x.clone().requires_grad_()
-    y_ours, y_theirs = _lean_pair(ours), nn.MaxPool2d(2, 2)(torch.relu(theirs))
+    y_ours, y_theirs, g_ours, g_theirs, grad = _against_torch(
+        _lean_pair, lambda t: nn.MaxPool2d(2, 2)(torch.relu(t)), x)
     assert torch.equal(y_ours.isnan(), y_theirs.isnan()) and y_ours.isnan().sum() == 1
     assert torch.equal(y_ours.nan_to_num(), y_theirs.nan_to_num())
-    grad = torch.randn_like(y_ours)
-    y_ours.backward(grad)
-    y_theirs.backward(grad)
-    assert torch.equal(ours.grad, theirs.grad)
-    assert ours.grad[0, 0, :2, :2].tolist() == [[grad[0, 0, 0, 0].item(), 0.0], [0.0, 0.0]]
-    assert not ours.grad[0, 1, :4, :4].any()
-    assert ours.grad[1, 0, 0, 1] == grad[1, 0, 0, 0]
+    assert torch.equal(g_ours, g_theirs)
+    assert g_ours[0, 0, :2, :2].tolist() == [[grad[0, 0, 0, 0].item(), 0.0], [0.0, 0.0]]
+    assert not g_ours[0, 1, :4, :4].any()
+    assert g_ours[1, 0, 0, 1] == grad[1, 0, 0, 0]
 
 
 def test_relu_then_pool_keeps_one_byte_per_pooled_value():
@@ -237,14 +233,8 @@ def test_average_pooling_gives_torch_values_and_gradient_and_keeps_nothing():
 
     torch.manual_seed(0)
     for hw in ((12, 10), (13, 11)):
-        x = torch.randn(2, 3, *hw)
-        ours, theirs = x.clone().requires_grad_(), x.clone().requires_grad_()
-        y_ours, y_theirs = AvgPool2x2()(ours), nn.AvgPool2d(2, 2)(theirs)
-        assert torch.equal(y_ours, y_theirs)
-        grad = torch.randn_like(y_ours)
-        y_ours.backward(grad)
-        y_theirs.backward(grad)
-        assert torch.equal(ours.grad, theirs.grad)
+        y_ours, y_theirs, g_ours, g_theirs, _ = _against_torch(AvgPool2x2(), nn.AvgPool2d(2, 2), torch.randn(2, 3, *hw))
+        assert torch.equal(y_ours, y_theirs) and torch.equal(g_ours, g_theirs)
     assert _saved_dtypes(AvgPool2x2(), torch.randn(1, 2, 4, 4, requires_grad=True)) == []
     assert _saved_dtypes(nn.AvgPool2d(2, 2), torch.randn(1, 2, 4, 4, requires_grad=True)) == [torch.float32]
     x64 = torch.randn(1, 2, 6, 6, dtype=torch.float64, requires_grad=True)
