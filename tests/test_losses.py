@@ -276,3 +276,24 @@ def test_gram_gradient_matches_finite_differences():
     mask = torch.rand(2, 1, 4, 5, dtype=torch.float64)
     assert torch.autograd.gradcheck(lambda f: gram_matrix(f), (features,))
     assert torch.autograd.gradcheck(lambda f: gram_matrix(f, mask), (features,))
+
+
+def test_channels_last_features_give_the_same_gram_and_gradient_without_a_copy():
+    """The network runs channels last; a Gram of such features reads them in place (a reshape to
+    (C, H*W) would copy them and keep the copy for backward) and returns a gradient in their layout."""
+    torch.manual_seed(8)
+    x = torch.randn(2, 6, 5, 7, dtype=torch.float64)
+    g = torch.randn(2, 6, 6, dtype=torch.float64)
+    grads = []
+    for features in (x.clone(), x.contiguous(memory_format=torch.channels_last)):
+        features.requires_grad_(True)
+        saved: list[int] = []
+        keep = saved.append
+        with torch.autograd.graph.saved_tensors_hooks(lambda t, keep=keep: keep(t.data_ptr()) or t, lambda t: t):
+            gram = gram_matrix(features)
+        assert saved == [features.data_ptr()]
+        (grad,) = torch.autograd.grad(gram, features, g)
+        assert grad.is_contiguous(memory_format=torch.channels_last) == (not features.is_contiguous())
+        grads.append((gram, grad))
+    assert torch.allclose(grads[0][0], grads[1][0], rtol=1e-12, atol=0)
+    assert torch.allclose(grads[0][1], grads[1][1], rtol=1e-12, atol=0)

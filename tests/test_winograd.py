@@ -4,7 +4,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from impasto.nets import VGGFeatures
+from impasto.nets import VGGFeatures, winograd
 from impasto.nets.winograd import FrozenConv3x3, WinogradWeights, winograd_conv3x3
 
 
@@ -24,7 +24,7 @@ def test_forward_equals_a_direct_convolution(shape, with_bias):
     x = torch.randn(shape, generator=torch.Generator().manual_seed(1))
     y = winograd_conv3x3(x, WinogradWeights(weight, bias))
     exact = F.conv2d(x.double(), weight.double(), None if bias is None else bias.double(), padding=1)
-    assert y.shape == (n, 7, h, w) and y.is_contiguous()
+    assert y.shape == (n, 7, h, w) and y.is_contiguous(memory_format=torch.channels_last)
     assert (y.double() - exact).abs().max() <= 2e-5 * exact.abs().max()
 
 
@@ -42,15 +42,65 @@ def test_backward_is_the_exact_adjoint_in_float64_and_itself_differentiable():
     assert torch.autograd.gradgradcheck(lambda t: winograd_conv3x3(t, WinogradWeights(weight, bias)).pow(2), (x,))
 
 
-def test_float32_gradient_matches_a_direct_convolution():
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_float32_gradient_matches_a_direct_convolution(channels_last):
     weight, bias = _weights(16, 8)
     x = torch.randn(2, 16, 18, 11, generator=torch.Generator().manual_seed(2))
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
     g = torch.randn(2, 8, 18, 11, generator=torch.Generator().manual_seed(3))
     xw = x.clone().requires_grad_(True)
     (gw,) = torch.autograd.grad(winograd_conv3x3(xw, WinogradWeights(weight, bias)), xw, g)
     xd = x.double().requires_grad_(True)
     (gd,) = torch.autograd.grad(F.conv2d(xd, weight.double(), bias.double(), padding=1), xd, g.double())
     assert (gw.double() - gd).abs().max() <= 2e-5 * gd.abs().max()
+
+
+def _forward_and_gradient(x: torch.Tensor, weights: WinogradWeights, g: torch.Tensor):
+    xg = x.clone().requires_grad_(True)
+    y = winograd_conv3x3(xg, weights)
+    (grad,) = torch.autograd.grad(y, xg, g)
+    return y, grad
+
+
+def test_bands_of_tiles_give_the_whole_image_result(monkeypatch):
+    """Tiles are processed in bands of rows (small temporaries); several bands, the last one partial,
+    give what one band gives, and a direct convolution's result."""
+    weight, bias = _weights(5, 6)
+    weights = WinogradWeights(weight, bias)
+    x = torch.randn(1, 5, 37, 22, generator=torch.Generator().manual_seed(4))  # 10 x 6 tiles
+    g = torch.randn(1, 6, 37, 22, generator=torch.Generator().manual_seed(5))
+    whole = _forward_and_gradient(x, weights, g)
+    monkeypatch.setattr(winograd, "BAND_TILES", 18)  # bands of 3 tile rows: 3, 3, 3, 1
+    assert winograd._bands(10, 6) == [(0, 3), (3, 3), (6, 3), (9, 1)]
+    banded = _forward_and_gradient(x, weights, g)
+    for a, b in zip(whole, banded, strict=True):
+        assert (a - b).abs().max() <= 1e-6 * b.abs().max()
+    xd = x.double().requires_grad_(True)
+    yd = F.conv2d(xd, weight.double(), bias.double(), padding=1)
+    (gd,) = torch.autograd.grad(yd, xd, g.double())
+    assert (banded[0].double() - yd).abs().max() <= 2e-5 * yd.abs().max()
+    assert (banded[1].double() - gd).abs().max() <= 2e-5 * gd.abs().max()
+
+
+@pytest.mark.skipif(winograd._LINEAR is None or not torch.backends.mkldnn.is_available(),
+                    reason="this PyTorch build has no oneDNN inner product")
+def test_onednn_products_give_matmul_results(monkeypatch):
+    """The channel mixing and tile transforms run on oneDNN's inner product where it is there (2x MKL's
+    sgemm on AMD CPUs); it must give what matmul gives, to rounding."""
+    weight, bias = _weights(24, 32)
+    weights = WinogradWeights(weight, bias)
+    x = torch.randn(2, 24, 21, 17, generator=torch.Generator().manual_seed(6))
+    g = torch.randn(2, 32, 21, 17, generator=torch.Generator().manual_seed(7))
+    calls: list[int] = []
+    real = winograd._LINEAR
+    monkeypatch.setattr(winograd, "_LINEAR", lambda *a: calls.append(1) or real(*a))
+    onednn = _forward_and_gradient(x, weights, g)
+    assert calls  # it was used
+    monkeypatch.setattr(winograd, "_LINEAR", None)
+    plain = _forward_and_gradient(x, weights, g)
+    for a, b in zip(onednn, plain, strict=True):
+        assert (a - b).abs().max() <= 1e-5 * b.abs().max()
 
 
 def _backward_name(conv: FrozenConv3x3, x: torch.Tensor) -> str:

@@ -22,7 +22,10 @@ def gram_matrix(features: torch.Tensor, mask: torch.Tensor | None = None) -> tor
     normalization uses its area instead of H * W, so a region's statistics do not depend on its size.
     """
     n, c, h, w = features.shape
-    flat = features.reshape(n, c, h * w)
+    if features.is_contiguous(memory_format=torch.channels_last) and not features.is_contiguous():
+        flat = features.permute(0, 2, 3, 1).reshape(n, h * w, c).transpose(1, 2)  # a view, not a copy
+    else:
+        flat = features.reshape(n, c, h * w)
     if mask is None:
         area = float(h * w)
     else:
@@ -45,7 +48,10 @@ class _OuterProduct(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
         (flat,) = ctx.saved_tensors
-        return torch.bmm(grad + grad.transpose(1, 2), flat)
+        sym = grad + grad.transpose(1, 2)
+        if flat.stride(1) == 1 and flat.stride(2) != 1:  # channels last: a gradient in the same layout
+            return torch.bmm(flat.transpose(1, 2), sym).transpose(1, 2)
+        return torch.bmm(sym, flat)
 
 
 def relative_error(x: torch.Tensor, target: torch.Tensor) -> torch.Tensor:

@@ -2,15 +2,15 @@
 
 A 3x3 convolution computed tile by tile (Lavin & Gray, "Fast Algorithms for Convolutional Neural
 Networks", 2016): each 6x6 input tile and each kernel are transformed so that a 4x4 output tile costs
-36 multiplications per channel pair instead of 144. On a 2-core CPU oneDNN's direct convolution
-already runs near the machine's peak, so doing fewer multiplications is the way left to make VGG's deep
-layers (256-512 channels, where the tile transforms are cheap next to the channel mixing) faster:
-measured 1.2-2.2x there, forward and backward. A tile product is three ordinary operations: a
-per-channel stride-4 convolution with 36 fixed 6x6 kernels (input transform), one matrix product over
-channels per transformed position, and a fixed 16x36 matrix that turns 36 values back into a 4x4
-output tile. The gradient to the input is the same three steps, each one's adjoint, so backward costs
-what forward does and keeps nothing alive between them: the weights are frozen, and a frozen
-convolution's input gradient needs only the weights.
+36 multiplications per channel pair instead of 144. oneDNN's direct convolution already runs near the
+machine's peak, so doing fewer multiplications is the way left to make VGG's deep layers (256-512
+channels, where the tile transforms are cheap next to the channel mixing) faster. A tile product is three
+matrix products: a fixed 36x36 matrix on the gathered 6x6 tiles (input transform), one product over
+channels per transformed position (the mixing), and a fixed 16x36 matrix that turns 36 values back into a
+4x4 output tile. Feature maps are channels last, so a tile's channels are contiguous for all three, and
+tiles go in bands of rows, so that every temporary stays small. The gradient to the input is the same
+three steps, each one's adjoint, so backward costs what forward does and keeps nothing alive between them:
+the weights are frozen, and a frozen convolution's input gradient needs only the weights.
 
 Results differ from a direct convolution by rounding, about 1e-5 of the output's largest value in
 float32 (oneDNN's own channels-last and NCHW paths differ from each other as much in the loss gradient).
@@ -56,57 +56,112 @@ class WinogradWeights:
         self.mixing = torch.matmul(torch.kron(g, g), flat.t()).view(SPAN * SPAN, cout, cin)
         self.bias = None if bias is None else bias.detach().clone()
         self.input = _INPUT.to(weight.device, weight.dtype)
-        self.input_kernels = self.input.reshape(SPAN * SPAN, 1, SPAN, SPAN)
         self.output = _OUTPUT.to(weight.device, weight.dtype)
+        self.input_t, self.output_t = self.input.t().contiguous(), self.output.t().contiguous()  # for backward
 
 
-def _forward(image: torch.Tensor, w: WinogradWeights, out: torch.Tensor) -> None:
-    """One image (C, H', W'), zero-padded so that H' = 4 th + 2: its convolution plus bias into `out`,
-    (out channels, 4 th, 4 tw)."""
-    c = image.shape[0]
-    v = F.conv2d(image.unsqueeze(1), w.input_kernels, stride=TILE)  # (C, 36, th, tw): every tile transformed
-    th, tw = v.shape[-2:]
-    m = torch.matmul(w.mixing, v.view(c, SPAN * SPAN, th * tw).transpose(0, 1))  # (36, out, th*tw)
-    del v  # each temporary is 2.25x a feature map: free it as soon as it is used (peak memory)
-    y = (w.output @ m.view(SPAN * SPAN, -1)).view(TILE, TILE, -1, th, tw).permute(2, 3, 0, 4, 1)
-    del m
-    tiles = out.view(-1, th, TILE, tw, TILE)
-    if w.bias is None:
-        tiles.copy_(y)
-    else:
-        torch.add(y, w.bias.view(-1, 1, 1, 1, 1), out=tiles)
+BAND_TILES = 256  # tiles per band: each band's temporaries (36 x tiles x channels) stay a few MiB
 
 
-def _backward(grad: torch.Tensor, w: WinogradWeights) -> torch.Tensor:
-    """The adjoint of `_forward` without bias: (out, 4 th, 4 tw) -> (C, 4 th + 2, 4 tw + 2)."""
-    cout, height, width = grad.shape
-    th, tw = height // TILE, width // TILE
-    tiles = grad.view(cout, th, TILE, tw, TILE).permute(2, 4, 0, 1, 3).reshape(TILE * TILE, -1)
-    m = (w.output.t() @ tiles).view(SPAN * SPAN, cout, th * tw)
-    del tiles
-    v = torch.matmul(w.mixing.transpose(1, 2), m)  # (36, C, th*tw)
-    del m
-    c = v.shape[1]
-    t = (w.input.t() @ v.view(SPAN * SPAN, -1)).view(SPAN, SPAN, c, th, tw)  # each tile's 6x6 gradient
-    del v
+def _inner_product() -> Callable[..., torch.Tensor] | None:
+    """oneDNN's inner product (PyTorch's fused-linear op), where this build has it."""
+    try:
+        return torch.ops.mkldnn._linear_pointwise.default
+    except (AttributeError, RuntimeError):
+        return None
+
+
+_LINEAR = _inner_product()
+
+
+def _onednn_for(t: torch.Tensor) -> Callable[..., torch.Tensor] | None:
+    """oneDNN's inner product where it may take a product with t: float32 on the CPU, and no graph being
+    built (its op has no derivative, so a double backward takes matmul)."""
+    usable = (not torch.is_grad_enabled() and t.dtype == torch.float32 and t.device.type == "cpu"
+              and torch.backends.mkldnn.is_available() and bool(torch.backends.mkldnn.enabled))
+    return _LINEAR if usable else None
+
+
+def _mix(v: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+    """The channel mixing of each transformed position p: v[p] (tiles, K) @ u[p]^T (K, N) -> (36, tiles, N).
+    matmul would call MKL's sgemm, which ran these shapes at 130-180 GFLOP/s on an AVX-512 AMD CPU where
+    oneDNN's inner product ran them at 330-380."""
+    linear = _onednn_for(v)
+    if linear is None:
+        return torch.matmul(v, u.transpose(1, 2))
+    return torch.stack([linear(v[p], u[p], None, "none", [], "") for p in range(len(v))])
+
+
+def _transform_by(matrix: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """matrix (r, k) @ x (k, N) for a fixed tile transform: memory-bound, and oneDNN's is 1.4-2.6x MKL's there."""
+    linear = _onednn_for(x)
+    return matrix @ x if linear is None else linear(matrix, x.t(), None, "none", [], "")
+
+
+def _bands(tile_rows: int, tile_cols: int) -> list[tuple[int, int]]:
+    """(first tile row, tile rows) of each band: bands keep each step's temporaries small, in cache and
+    out of fresh memory mappings (a temporary over 32 MiB page-faulted at every pass: 2x the time)."""
+    step = max(1, BAND_TILES // tile_cols)
+    return [(i, min(step, tile_rows - i)) for i in range(0, tile_rows, step)]
+
+
+def _forward(xp: torch.Tensor, w: WinogradWeights, y: torch.Tensor) -> None:
+    """One image, channels last and zero-padded, (4 th + 2, 4 tw + 2, C): its convolution plus bias into
+    y, (4 th, 4 tw, out), band by band."""
+    c, out = xp.shape[2], w.mixing.shape[1]
+    th, tw = y.shape[0] // TILE, y.shape[1] // TILE
+    rows, cols = xp.stride(0), xp.stride(1)
+    for i, n in _bands(th, tw):
+        # every 6x6 tile of the band, gathered as (36, tiles x C), then transformed
+        tiles = xp.as_strided((SPAN, SPAN, n, tw, c), (rows, cols, TILE * rows, TILE * cols, 1),
+                              xp.storage_offset() + TILE * i * rows)
+        v = _transform_by(w.input, tiles.reshape(SPAN * SPAN, -1)).view(SPAN * SPAN, n * tw, c)
+        m = _mix(v, w.mixing)  # (36, tiles, out)
+        del v  # each temporary is 2.25x the band's feature map: free it as soon as it is used
+        t = _transform_by(w.output, m.view(SPAN * SPAN, -1)).view(TILE, TILE, n, tw, out).permute(2, 0, 3, 1, 4)
+        del m
+        band = y[TILE * i:TILE * (i + n)].view(n, TILE, tw, TILE, out)
+        if w.bias is None:
+            band.copy_(t)
+        else:
+            torch.add(t, w.bias, out=band)
+
+
+def _backward(gp: torch.Tensor, w: WinogradWeights) -> torch.Tensor:
+    """The adjoint of `_forward` without bias: (4 th, 4 tw, out) -> (4 th + 4, 4 tw + 4, C), of which the
+    first 4 th + 2 rows and columns are the padded input's gradient."""
+    out, c = gp.shape[2], w.mixing.shape[2]
+    th, tw = gp.shape[0] // TILE, gp.shape[1] // TILE
     # Overlap-add: a tile's last two rows/columns land on the first two of the next tile.
-    out = t.new_empty(c, th + 1, TILE, tw + 1, TILE)
-    out[:, th].zero_()
-    out[:, :th, :, tw].zero_()
-    out[:, :th, :, :tw, :] = t[:TILE, :TILE].permute(2, 3, 0, 4, 1)
-    out[:, 1:, :2, :tw, :] += t[TILE:, :TILE].permute(2, 3, 0, 4, 1)
-    out[:, :th, :, 1:, :2] += t[:TILE, TILE:].permute(2, 3, 0, 4, 1)
-    out[:, 1:, :2, 1:, :2] += t[TILE:, TILE:].permute(2, 3, 0, 4, 1)
-    return out.view(c, (th + 1) * TILE, (tw + 1) * TILE)[:, : th * TILE + 2, : tw * TILE + 2]
+    acc = gp.new_zeros(th + 1, TILE, tw + 1, TILE, c)
+    for i, n in _bands(th, tw):
+        tiles = gp[TILE * i:TILE * (i + n)].view(n, TILE, tw, TILE, out).permute(1, 3, 0, 2, 4)
+        m = _transform_by(w.output_t, tiles.reshape(TILE * TILE, -1)).view(SPAN * SPAN, n * tw, out)
+        del tiles
+        v = _mix(m, w.mixing.transpose(1, 2))  # (36, tiles, C)
+        del m
+        t = _transform_by(w.input_t, v.view(SPAN * SPAN, -1)).view(SPAN, SPAN, n, tw, c)  # each tile's 6x6 gradient
+        del v
+        acc[i:i + n, :, :tw] += t[:TILE, :TILE].permute(2, 0, 3, 1, 4)
+        acc[i + 1:i + n + 1, :2, :tw] += t[TILE:, :TILE].permute(2, 0, 3, 1, 4)
+        acc[i:i + n, :, 1:, :2] += t[:TILE, TILE:].permute(2, 0, 3, 1, 4)
+        acc[i + 1:i + n + 1, :2, 1:, :2] += t[TILE:, TILE:].permute(2, 0, 3, 1, 4)
+    return acc.view((th + 1) * TILE, (tw + 1) * TILE, c)
 
 
-def _padded(x: torch.Tensor, height: int, width: int, top: int) -> torch.Tensor:
-    """x in NCHW memory, zero-padded to height x width with `top` rows/columns before it."""
-    h, w = x.shape[-2:]
-    if (h, w) == (height, width):
-        return x.contiguous()
-    out = x.new_zeros(x.shape[0], x.shape[1], height, width)
-    out[:, :, top:top + h, top:top + w] = x
+def _padded_hwc(x: torch.Tensor, height: int, width: int, top: int) -> torch.Tensor:
+    """One image (C, H, W) in any layout as (height, width, C), channels last, zero-padded with `top`
+    rows/columns before it (a view where no padding is needed and x is channels last already)."""
+    hwc = x.permute(1, 2, 0)
+    h, w = hwc.shape[:2]
+    if (h, w) == (height, width) and hwc.is_contiguous():
+        return hwc
+    out = x.new_empty(height, width, x.shape[0])
+    out[:top].zero_()
+    out[top + h:].zero_()
+    out[top:top + h, :top].zero_()
+    out[top:top + h, top + w:].zero_()
+    out[top:top + h, top:top + w] = hwc
     return out
 
 
@@ -118,25 +173,30 @@ def _resolve(weights: Weights) -> WinogradWeights:
 
 
 class _WinogradConv3x3(torch.autograd.Function):
+    """Channels last throughout: a tile's values for all channels are contiguous, which the channel
+    mixing (an inner product over channels) and every gather and scatter of tiles read and write."""
+
     @staticmethod
     def forward(ctx, x: torch.Tensor, made: Weights) -> torch.Tensor:
         h, w = x.shape[-2:]
         th, tw = -(-h // TILE), -(-w // TILE)
         ctx.weights, ctx.size = made, (h, w)  # a maker, not its product: nothing kept until backward
         weights = _resolve(made)
-        xp = _padded(x, th * TILE + 2, tw * TILE + 2, 1)
-        y = x.new_empty(x.shape[0], weights.mixing.shape[1], th * TILE, tw * TILE)
-        for image, out in zip(xp, y, strict=True):
-            _forward(image, weights, out)
-        return y if (h, w) == (th * TILE, tw * TILE) else y[:, :, :h, :w].contiguous()
+        y = torch.empty(x.shape[0], weights.mixing.shape[1], th * TILE, tw * TILE, dtype=x.dtype,
+                        device=x.device, memory_format=torch.channels_last)
+        for image, out in zip(x, y, strict=True):
+            _forward(_padded_hwc(image, th * TILE + 2, tw * TILE + 2, 1), weights, out.permute(1, 2, 0))
+        if (h, w) == (th * TILE, tw * TILE):
+            return y
+        return y[:, :, :h, :w].contiguous(memory_format=torch.channels_last)
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor, None]:  # differentiable ops: Hessians work
         weights, (h, w) = _resolve(ctx.weights), ctx.size
         th, tw = -(-h // TILE), -(-w // TILE)
-        gp = _padded(grad, th * TILE, tw * TILE, 0)
-        gx = torch.stack([_backward(g, weights) for g in gp]) if len(gp) > 1 else _backward(gp[0], weights)[None]
-        return gx[:, :, 1:h + 1, 1:w + 1], None
+        gx = [_backward(_padded_hwc(g, th * TILE, tw * TILE, 0), weights)[1:h + 1, 1:w + 1].permute(2, 0, 1)
+              for g in grad]
+        return (torch.stack(gx) if len(gx) > 1 else gx[0][None]), None
 
 
 class _FrozenConv3x3(torch.autograd.Function):
