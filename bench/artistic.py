@@ -21,6 +21,7 @@ import argparse
 import contextlib
 import gc
 import json
+import math
 import os
 import platform
 import resource
@@ -353,14 +354,29 @@ def impasto_objective(net: VGGFeatures, content: torch.Tensor, style: torch.Tens
     return objective, c
 
 
+def onednn_flops() -> dict[Any, Any]:
+    """The FLOP counter's formula for oneDNN's inner product (impasto's Winograd layers call it), an op it
+    does not know: x (M, K) times w (N, K)^T is 2 M N K."""
+    try:
+        op = torch.ops.mkldnn._linear_pointwise
+    except (AttributeError, RuntimeError):
+        return {}
+
+    def inner_product(x_shape: Any, w_shape: Any, *args: Any, **kwargs: Any) -> int:
+        return 2 * math.prod(x_shape[:-1]) * w_shape[0] * x_shape[-1]
+
+    return {op: inner_product}
+
+
 def count_flops(net: VGGFeatures, cnn: nn.Sequential, content: torch.Tensor, style: torch.Tensor,
                 size: int) -> tuple[int, int]:
     """FLOPs of one objective evaluation (forward + backward to the image), impasto and reference."""
     from torch.utils.flop_counter import FlopCounterMode
 
+
     objective, c = impasto_objective(net, content, style, size)
     x = c.unsqueeze(0).clone().requires_grad_(True)
-    with FlopCounterMode(display=False) as counter:
+    with FlopCounterMode(display=False, custom_mapping=onednn_flops()) as counter:
         objective(x).backward()
     imp = counter.get_total_flops()
     c, s = at_size(content, style, size)

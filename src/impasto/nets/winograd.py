@@ -60,7 +60,7 @@ class WinogradWeights:
         self.input_t, self.output_t = self.input.t().contiguous(), self.output.t().contiguous()  # for backward
 
 
-BAND_TILES = 256  # tiles per band: each band's temporaries (36 x tiles x channels) stay a few MiB
+BAND_TILES = 128  # tiles per band: each temporary (36 x tiles x channels) is at most 9 MiB
 
 
 def _inner_product() -> Callable[..., torch.Tensor] | None:
