@@ -34,11 +34,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-# As importing impasto before torch does (impasto/__init__.py), for both tools in this process and its workers:
-# large buffers on transparent huge pages. THP_MEM_ALLOC_ENABLE=0 measures without.
-os.environ.setdefault("THP_MEM_ALLOC_ENABLE", "1")
-
-import torch  # noqa: E402
+import torch
 import torch.nn.functional as F
 from torch import nn, optim
 
@@ -799,8 +795,7 @@ def main(argv: list[str] | None = None) -> int:
     content, style, source = load_inputs(args.content, args.style)
     report.update(machine=info, load_before=load_before, images=source)
     print(f"CPU: {info['cpu']} ({info['cpus']} logical CPUs, {info['capability']}), torch {info['torch']}, "
-          f"threads {info['threads']}, mkldnn {info['mkldnn']}, python {info['python']}, "
-          f"THP_MEM_ALLOC_ENABLE={os.environ['THP_MEM_ALLOC_ENABLE']}")
+          f"threads {info['threads']}, mkldnn {info['mkldnn']}, python {info['python']}")
     print(f"load average before: {' '.join(f'{x:.2f}' for x in load_before)}")
     print(f"images: {source}; weights: random He-initialized VGG19 (timings do not depend on weight values)")
     print(f"per-iteration timing: runs of {args.warmup} warm-up + {args.iterations} timed iterations, "
