@@ -795,7 +795,8 @@ def main(argv: list[str] | None = None) -> int:
     content, style, source = load_inputs(args.content, args.style)
     report.update(machine=info, load_before=load_before, images=source)
     print(f"CPU: {info['cpu']} ({info['cpus']} logical CPUs, {info['capability']}), torch {info['torch']}, "
-          f"threads {info['threads']}, mkldnn {info['mkldnn']}, python {info['python']}")
+          f"threads {info['threads']}, mkldnn {info['mkldnn']}, python {info['python']}, "
+          f"THP_MEM_ALLOC_ENABLE={os.environ.get('THP_MEM_ALLOC_ENABLE', 'unset')} (huge pages for both tools if 1)")
     print(f"load average before: {' '.join(f'{x:.2f}' for x in load_before)}")
     print(f"images: {source}; weights: random He-initialized VGG19 (timings do not depend on weight values)")
     print(f"per-iteration timing: runs of {args.warmup} warm-up + {args.iterations} timed iterations, "
