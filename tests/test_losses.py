@@ -278,9 +278,9 @@ def test_gram_gradient_matches_finite_differences():
     assert torch.autograd.gradcheck(lambda f: gram_matrix(f, mask), (features,))
 
 
-def test_channels_last_features_give_the_same_gram_and_gradient_without_a_copy():
-    """The network runs channels last; a Gram of such features reads them in place (a reshape to
-    (C, H*W) would copy them and keep the copy for backward) and returns a gradient in their layout."""
+def test_channels_last_features_give_the_same_gram_and_a_gradient_in_their_layout():
+    """The network runs channels last; a Gram of such features keeps them, not a copy, for backward and
+    returns a gradient in their layout (a channels-first one would make the layers below convert it)."""
     torch.manual_seed(8)
     x = torch.randn(2, 6, 5, 7, dtype=torch.float64)
     g = torch.randn(2, 6, 6, dtype=torch.float64)

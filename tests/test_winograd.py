@@ -103,6 +103,37 @@ def test_onednn_products_give_matmul_results(monkeypatch):
         assert (a - b).abs().max() <= 1e-5 * b.abs().max()
 
 
+def test_float32_double_backward_takes_a_differentiable_path():
+    """oneDNN's inner product has no derivative: a pass that builds a graph (create_graph) must not use it,
+    or the second derivative silently comes out as zeros."""
+    weight, bias = _weights(6, 5)
+    x = torch.randn(1, 6, 9, 10, generator=torch.Generator().manual_seed(8))
+    results = []
+    for conv in (lambda t: winograd_conv3x3(t, WinogradWeights(weight, bias)),
+                 lambda t: F.conv2d(t, weight, bias, padding=1)):
+        xi = x.clone().requires_grad_(True)
+        (g,) = torch.autograd.grad(conv(xi).pow(2).sum(), xi, create_graph=True)
+        (gg,) = torch.autograd.grad(g.pow(2).sum(), xi)
+        results.append(gg)
+    assert results[1].abs().max() > 0
+    assert (results[0] - results[1]).abs().max() <= 1e-4 * results[1].abs().max()
+
+
+def test_reduced_precision_products_turn_winograd_off():
+    """A user who lets oneDNN compute float32 products in bf16 gets the direct convolution, not Winograd,
+    whose transforms would amplify that rounding."""
+    conv = FrozenConv3x3(256, 256).requires_grad_(False)
+    x = torch.randn(1, 256, 16, 16)
+    assert _backward_name(conv, x) == "_WinogradConv3x3Backward"
+    matmul = torch.backends.mkldnn.matmul
+    before = matmul.fp32_precision
+    try:
+        matmul.fp32_precision = "bf16"
+        assert _backward_name(conv, x) == "_FrozenConv3x3Backward"
+    finally:
+        matmul.fp32_precision = before
+
+
 def _backward_name(conv: FrozenConv3x3, x: torch.Tensor) -> str:
     return type(conv(x.requires_grad_(True)).grad_fn).__name__
 

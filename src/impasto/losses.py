@@ -22,10 +22,7 @@ def gram_matrix(features: torch.Tensor, mask: torch.Tensor | None = None) -> tor
     normalization uses its area instead of H * W, so a region's statistics do not depend on its size.
     """
     n, c, h, w = features.shape
-    if features.is_contiguous(memory_format=torch.channels_last) and not features.is_contiguous():
-        flat = features.permute(0, 2, 3, 1).reshape(n, h * w, c).transpose(1, 2)  # a view, not a copy
-    else:
-        flat = features.reshape(n, c, h * w)
+    flat = features.reshape(n, c, h * w)  # a view in NCHW and channels last alike
     if mask is None:
         area = float(h * w)
     else:

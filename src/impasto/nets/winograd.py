@@ -60,7 +60,7 @@ class WinogradWeights:
         self.input_t, self.output_t = self.input.t().contiguous(), self.output.t().contiguous()  # for backward
 
 
-BAND_TILES = 128  # tiles per band: each temporary (36 x tiles x channels) is at most 9 MiB
+BAND_TILES = 128  # tiles per band: a temporary (36 x tiles x channels) is at most 9 MiB for maps up to 512 px wide
 
 
 def _inner_product() -> Callable[..., torch.Tensor] | None:
@@ -80,6 +80,14 @@ def _onednn_for(t: torch.Tensor) -> Callable[..., torch.Tensor] | None:
     usable = (not torch.is_grad_enabled() and t.dtype == torch.float32 and t.device.type == "cpu"
               and torch.backends.mkldnn.is_available() and bool(torch.backends.mkldnn.enabled))
     return _LINEAR if usable else None
+
+
+def _float32_products_in_float32() -> bool:
+    """False where the user lets oneDNN compute float32 products in bf16 or tf32
+    (torch.backends.mkldnn.matmul.fp32_precision): Winograd's transforms would amplify that rounding, so
+    the direct convolution runs instead."""
+    matmul = getattr(torch.backends.mkldnn, "matmul", None)
+    return getattr(matmul, "fp32_precision", "none") in ("none", "ieee")
 
 
 def _mix(v: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
@@ -279,7 +287,8 @@ class FrozenConv3x3(nn.Conv2d):
                 and self.weight.dtype == torch.float32 and not trained and not _cpu_autocast())
 
     def _use_winograd(self, x: torch.Tensor) -> bool:
-        return self.winograd and min(x.shape[-2:]) >= self.MIN_SIDE and self._frozen_on_cpu(x)
+        return (self.winograd and min(x.shape[-2:]) >= self.MIN_SIDE and self._frozen_on_cpu(x)
+                and _float32_products_in_float32())
 
     def kept_transform_bytes(self) -> int:
         """The memory a kept transform takes once made (36 values per kernel), 0 where none is kept."""
