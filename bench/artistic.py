@@ -39,6 +39,7 @@ import torch.nn.functional as F
 from torch import nn, optim
 
 from impasto import images
+from impasto.allocator import keep_freed_memory
 from impasto.artistic import (
     DEFAULT_CONTENT_LAYERS,
     DEFAULT_STYLE_LAYERS,
@@ -414,6 +415,14 @@ def conv_throughput(repeats: int) -> list[tuple[str, float]]:
     return out
 
 
+# How the memory workers set glibc's allocator: key suffix -> description.
+MEMORY_MODES = {
+    "": "glibc's default allocator (what a Python caller sees)",
+    "/exact": "every buffer >= 128 KiB its own mmap (RSS follows the live tensors)",
+    "/keep": "impasto keeps freed memory, as the impasto command does; the reference has glibc's default",
+}
+
+
 # --- subprocess workers: peak memory and speed experiments ------------------------------------------
 
 def rss_bytes() -> int:
@@ -444,12 +453,15 @@ def reset_peak() -> bool:
 def worker_memory(spec: dict) -> dict:
     """Peak RSS over the RSS once the network is loaded: of building the targets alone, then of a run
     (targets + iterations). With spec["exact"], glibc serves every buffer of 128 KiB or more with its own
-    mmap and unmaps it when freed, so the RSS follows the live tensors instead of the heap's high-water mark."""
+    mmap and unmaps it when freed, so the RSS follows the live tensors instead of the heap's high-water mark.
+    With spec["keep"], impasto keeps freed memory, as its command does (the reference keeps glibc's default)."""
     if spec.get("exact"):
         import ctypes
 
         if not ctypes.CDLL("libc.so.6").mallopt(-3, 128 * 1024):  # M_MMAP_THRESHOLD, fixed (no dynamic raise)
             raise RuntimeError("mallopt failed")
+    if spec.get("keep") and spec["tool"] == "impasto" and not keep_freed_memory():  # as the impasto command does
+        raise RuntimeError("keep_freed_memory did not apply")
     content, style, _ = load_inputs(spec["content"], spec["style"])
     net = make_net(spec["seed"])
     cnn = None
@@ -584,7 +596,8 @@ def interleaved_objective(net: VGGFeatures, loss: PerceptualLoss) -> Callable[[t
     return objective
 
 
-VARIANTS = ("base", "channels_last", "symgram", "interleaved", "mallopt", "exact", "threads1", "no_mkldnn", "compile")
+VARIANTS = ("base", "channels_last", "symgram", "interleaved", "mallopt", "keep_freed", "exact", "threads1",
+            "no_mkldnn", "compile")
 
 
 def worker_eval(spec: dict) -> dict:
@@ -602,6 +615,8 @@ def worker_eval(spec: dict) -> dict:
         # M_TRIM_THRESHOLD: freed memory stays with the process for the next iteration.
         if not (libc.mallopt(-4, 0) and libc.mallopt(-1, 2**31 - 1)):
             raise RuntimeError("mallopt failed")
+    if "keep_freed" in tokens and not keep_freed_memory():  # what the impasto command does
+        raise RuntimeError("keep_freed_memory did not apply")
     if "exact" in tokens and not ctypes.CDLL("libc.so.6").mallopt(-3, 128 * 1024):  # see worker_memory
         raise RuntimeError("mallopt failed")
     if "threads1" in tokens:
@@ -764,6 +779,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--content", default=None)
     p.add_argument("--style", default=None)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--allocator", choices=("default", "keep"), default="default",
+                   help="glibc's allocator for the in-process timings (both tools): its default, or keeping freed "
+                   "memory as the impasto command does")
     p.add_argument("--json", default=None, help="also write all figures to this JSON file")
     p.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     p.add_argument("--spec", default=None, help=argparse.SUPPRESS)
@@ -790,6 +808,8 @@ def main(argv: list[str] | None = None) -> int:
     n_iter = args.warmup + args.iterations
     report: dict[str, Any] = {"args": vars(args)}
 
+    if args.allocator == "keep" and not keep_freed_memory():
+        raise SystemExit("--allocator keep: keep_freed_memory did not apply (not glibc?)")
     info = machine()
     load_before = os.getloadavg()
     content, style, source = load_inputs(args.content, args.style)
@@ -797,6 +817,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"CPU: {info['cpu']} ({info['cpus']} logical CPUs, {info['capability']}), torch {info['torch']}, "
           f"threads {info['threads']}, mkldnn {info['mkldnn']}, python {info['python']}, "
           f"THP_MEM_ALLOC_ENABLE={os.environ.get('THP_MEM_ALLOC_ENABLE', 'unset')} (huge pages for both tools if 1)")
+    print(f"allocator for the in-process timings (both tools): {args.allocator}")
     print(f"load average before: {' '.join(f'{x:.2f}' for x in load_before)}")
     print(f"images: {source}; weights: random He-initialized VGG19 (timings do not depend on weight values)")
     print(f"per-iteration timing: runs of {args.warmup} warm-up + {args.iterations} timed iterations, "
@@ -881,27 +902,26 @@ def main(argv: list[str] | None = None) -> int:
     # 3: peak memory, each configuration in a fresh subprocess
     memory: dict[str, dict] = {}
     if "memory" not in skip:
-        for exact in (False, True):
+        for mode in MEMORY_MODES:
             for size in sizes:
                 for opt in optimizers:
                     for tool in TOOLS:
                         spec = {"tool": tool, "size": size, "optimizer": opt, "iterations": args.mem_iterations,
-                                "seed": args.seed, "content": args.content, "style": args.style, "exact": exact}
-                        memory[f"{size}/{opt}/{tool}" + ("/exact" if exact else "")] = in_subprocess("memory", spec)
-        for exact in ("", "/exact"):
+                                "seed": args.seed, "content": args.content, "style": args.style,
+                                "exact": mode == "/exact", "keep": mode == "/keep"}
+                        memory[f"{size}/{opt}/{tool}{mode}"] = in_subprocess("memory", spec)
+        for mode in MEMORY_MODES:
             rows = []
             for size in sizes:
                 for opt in optimizers:
-                    a, b = memory[f"{size}/{opt}/impasto{exact}"], memory[f"{size}/{opt}/reference{exact}"]
+                    a, b = memory[f"{size}/{opt}/impasto{mode}"], memory[f"{size}/{opt}/reference{mode}"]
                     rows.append([f"{size}/{opt}", *(f"{m[k]['delta'] / 2**20:.0f}" for k in ("targets", "run")
                                                      for m in (a, b)),
                                  f"{b['run']['delta'] / a['run']['delta']:.2f}x",
                                  *(f"{whole_peak(m) / 2**20:.0f}" for m in (a, b)),
                                  f"{whole_peak(b) / whole_peak(a):.2f}x"])
-            how = ("glibc's default allocator (what a user sees)" if not exact else
-                   "every buffer >= 128 KiB its own mmap (RSS follows the live tensors)")
-            print(f"\n3{'b' if exact else 'a'}. Peak memory over the RSS once the network is loaded, MiB, fresh "
-                  f"process each; {how}; run = targets + {args.mem_iterations} iterations")
+            print(f"\n3{'abc'[list(MEMORY_MODES).index(mode)]}. Peak memory over the RSS once the network is loaded, "
+                  f"MiB, fresh process each; {MEMORY_MODES[mode]}; run = targets + {args.mem_iterations} iterations")
             print(table(["size/optimizer", "impasto targets", "ref targets", "impasto run", "ref run",
                          "ref/impasto (run)", "impasto whole", "ref whole", "ref/impasto (whole)"], rows))
         print("   targets: building them; run: the optimization after them (the targets' memory is in its baseline);"

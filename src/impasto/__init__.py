@@ -8,6 +8,7 @@ from __future__ import annotations
 
 __version__ = "0.1.0"
 
+from .allocator import keep_freed_memory
 from .api import stylize
 from .artistic import StylizeOptions, stylize_tensors
 from .errors import ImpastoError
@@ -22,6 +23,7 @@ __all__ = [
     "VGGFeatures",
     "content_loss",
     "gram_matrix",
+    "keep_freed_memory",
     "load_vgg",
     "optimize",
     "style_loss",

@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any, NoReturn
 
 from . import __version__, images
+from .allocator import keep_freed_memory
 from .errors import EXIT_INTERRUPTED, EXIT_USAGE, ImpastoError, warn
 
 PROG = "impasto"
@@ -448,6 +449,7 @@ def _show_warning(message: Any, category: Any, filename: str, lineno: int, file:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    keep_freed_memory()  # no page faults on every iteration's buffers (allocator.py)
     previous, warnings.showwarning = warnings.showwarning, _show_warning
     try:
         return int(args.run(args))
