@@ -251,7 +251,8 @@ def _fingerprint(t: torch.Tensor) -> tuple[object, ...]:
 class FrozenConv3x3(nn.Conv2d):
     """A 3x3, padding-1 convolution that runs as Winograd F(4x4, 3x3) where that is faster: on the CPU,
     in float32, with frozen weights, at least `MIN_CHANNELS` output channels and feature maps of
-    at least `MIN_SIDE` pixels per side. Elsewhere (CUDA, MPS, training the weights, autocast) it is `nn.Conv2d`.
+    at least `MIN_SIDE` pixels per side. Elsewhere (CUDA, MPS, training the weights, autocast, float32 products
+    that oneDNN may round to bf16/tf32) it is `nn.Conv2d`.
     The transformed weights (4x the layer's weights: 200 MB for VGG19 up to relu5_1) are made on first
     use and remade when the weights change in place or move; IMPASTO_WINOGRAD_CACHE=0 makes them at each pass
     instead (in forward and again in backward). IMPASTO_WINOGRAD=0 turns Winograd off."""
