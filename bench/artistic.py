@@ -48,7 +48,7 @@ from impasto.artistic import (
     stylize_tensors,
 )
 from impasto.losses import PerceptualLoss
-from impasto.nets import VGGFeatures, load_vgg
+from impasto.nets import VGGFeatures, load_vgg, winograd
 from impasto.perceptual import build_loss, layer_weights, network_objective
 
 warnings.filterwarnings("ignore", message="using random VGG weights")
@@ -358,15 +358,13 @@ def impasto_objective(net: VGGFeatures, content: torch.Tensor, style: torch.Tens
 def onednn_flops() -> dict[Any, Any]:
     """The FLOP counter's formula for oneDNN's inner product (impasto's Winograd layers call it), an op it
     does not know: x (M, K) times w (N, K)^T is 2 M N K."""
-    try:
-        op = torch.ops.mkldnn._linear_pointwise
-    except (AttributeError, RuntimeError):
+    if winograd._LINEAR is None:
         return {}
 
     def inner_product(x_shape: Any, w_shape: Any, *args: Any, **kwargs: Any) -> int:
         return 2 * math.prod(x_shape[:-1]) * w_shape[0] * x_shape[-1]
 
-    return {op: inner_product}
+    return {winograd._LINEAR.overloadpacket: inner_product}
 
 
 def count_flops(net: VGGFeatures, cnn: nn.Sequential, content: torch.Tensor, style: torch.Tensor,

@@ -92,8 +92,8 @@ def _float32_products_in_float32() -> bool:
 
 def _mix(v: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
     """The channel mixing of each transformed position p: v[p] (tiles, K) @ u[p]^T (K, N) -> (36, tiles, N).
-    matmul would call MKL's sgemm, which ran these shapes at 130-180 GFLOP/s on an AVX-512 AMD CPU where
-    oneDNN's inner product ran them at 330-380."""
+    matmul would call MKL's sgemm, which ran these shapes at 130-190 GFLOP/s on an AVX-512 AMD CPU where
+    oneDNN's inner product ran them at 330-386."""
     linear = _onednn_for(v)
     if linear is None:
         return torch.matmul(v, u.transpose(1, 2))
