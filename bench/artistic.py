@@ -38,7 +38,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn, optim
 
-from impasto import images
+from impasto import images, products
 from impasto.allocator import keep_freed_memory
 from impasto.artistic import (
     DEFAULT_CONTENT_LAYERS,
@@ -48,7 +48,7 @@ from impasto.artistic import (
     stylize_tensors,
 )
 from impasto.losses import PerceptualLoss
-from impasto.nets import VGGFeatures, load_vgg, winograd
+from impasto.nets import VGGFeatures, load_vgg
 from impasto.perceptual import build_loss, layer_weights, network_objective
 
 warnings.filterwarnings("ignore", message="using random VGG weights")
@@ -356,15 +356,15 @@ def impasto_objective(net: VGGFeatures, content: torch.Tensor, style: torch.Tens
 
 
 def onednn_flops() -> dict[Any, Any]:
-    """The FLOP counter's formula for oneDNN's inner product (impasto's Winograd layers call it), an op it
-    does not know: x (M, K) times w (N, K)^T is 2 M N K."""
-    if winograd._LINEAR is None:
+    """The FLOP counter's formula for oneDNN's inner product, an op it does not know (impasto's Winograd layers
+    and Gram gradients call it): x (M, K) times w (N, K)^T is 2 M N K."""
+    if products.LINEAR is None:
         return {}
 
     def inner_product(x_shape: Any, w_shape: Any, *args: Any, **kwargs: Any) -> int:
         return 2 * math.prod(x_shape[:-1]) * w_shape[0] * x_shape[-1]
 
-    return {winograd._LINEAR.overloadpacket: inner_product}
+    return {products.LINEAR.overloadpacket: inner_product}
 
 
 def count_flops(net: VGGFeatures, cnn: nn.Sequential, content: torch.Tensor, style: torch.Tensor,

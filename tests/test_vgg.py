@@ -176,6 +176,31 @@ def test_relu_then_pool_keeping_nothing_gives_torch_values_and_gradient_bit_for_
     assert g_ours[1, 0, 0, 1] == grad[1, 0, 0, 0]
 
 
+@pytest.mark.parametrize("hw", [(12, 10), (13, 11)])
+def test_relu_then_pool_gives_a_channels_last_gradient_without_copying(hw):
+    """The gradient is made in the input's layout, not made channels first and then copied (a 48 MiB copy
+    for relu1_2 at 384x512)."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Ops(TorchDispatchMode):
+        def __init__(self) -> None:
+            super().__init__()
+            self.names: list[str] = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.names.append(func.__name__)
+            return func(*args, **(kwargs or {}))
+
+    x = torch.randn(1, 8, *hw).contiguous(memory_format=torch.channels_last).requires_grad_()
+    y = _lean_pair(x)
+    grad = torch.randn_like(y)
+    with Ops() as ops:
+        (g,) = torch.autograd.grad(y, x, grad)  # .grad would be made to follow x's layout
+    assert g.is_contiguous(memory_format=torch.channels_last)
+    copies = [n for n in ops.names if n.startswith(("clone", "copy", "_to_copy", "contiguous"))]
+    assert copies == ["copy_.default"] * 4, ops.names  # only the writes of the window's four positions
+
+
 def test_relu_then_pool_keeps_one_byte_per_pooled_value():
     assert _saved(_lean_pair, torch.randn(1, 4, 8, 8, requires_grad=True)) == [(torch.uint8, (1, 4, 4, 4))]
 
@@ -233,8 +258,14 @@ def test_average_pooling_gives_torch_values_and_gradient_and_keeps_nothing():
 
     torch.manual_seed(0)
     for hw in ((12, 10), (13, 11)):
-        y_ours, y_theirs, g_ours, g_theirs, _ = _against_torch(AvgPool2x2(), nn.AvgPool2d(2, 2), torch.randn(2, 3, *hw))
-        assert torch.equal(y_ours, y_theirs) and torch.equal(g_ours, g_theirs)
+        for layout in (torch.contiguous_format, torch.channels_last):
+            x = torch.randn(2, 3, *hw).contiguous(memory_format=layout)
+            y_ours, y_theirs, g_ours, g_theirs, _ = _against_torch(AvgPool2x2(), nn.AvgPool2d(2, 2), x)
+            assert torch.equal(y_ours, y_theirs) and torch.equal(g_ours, g_theirs)
+            x.requires_grad_()
+            y = AvgPool2x2()(x)
+            (g,) = torch.autograd.grad(y, x, torch.ones_like(y))  # .grad would be made to follow x's layout
+            assert g.is_contiguous(memory_format=layout)  # the gradient in the input's layout
     assert _saved_dtypes(AvgPool2x2(), torch.randn(1, 2, 4, 4, requires_grad=True)) == []
     assert _saved_dtypes(nn.AvgPool2d(2, 2), torch.randn(1, 2, 4, 4, requires_grad=True)) == [torch.float32]
     x64 = torch.randn(1, 2, 6, 6, dtype=torch.float64, requires_grad=True)
