@@ -543,6 +543,12 @@ def worker_load(spec: dict) -> dict:
     return {"peak": maxrss_bytes() - base, "kept": after - base, "peak_reset": reset}
 
 
+def spread_mib(runs: list[dict]) -> str:
+    """The range of the whole-run peaks over the repeats, MiB."""
+    peaks = [whole_peak(m) / 2**20 for m in runs]
+    return f"{min(peaks):.0f}-{max(peaks):.0f}"
+
+
 def whole_peak(m: dict) -> int:
     """A memory worker's peak over both phases, above the RSS once the network was loaded: what stays
     after the targets (impasto's transformed weights) counts here, where the run column's baseline hides it."""
@@ -757,6 +763,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--warmup", type=int, default=2, help="warm-up iterations before timing")
     p.add_argument("--target-repeats", type=int, default=3)
     p.add_argument("--mem-iterations", type=int, default=3, help="iterations run when measuring peak memory")
+    p.add_argument("--mem-repeats", type=int, default=3,
+                   help="fresh processes per memory configuration, tools alternating (medians are reported: "
+                   "a heap's high-water mark varies by tens of MiB from run to run)")
     p.add_argument("--conv-repeats", type=int, default=5)
     p.add_argument("--scale-size", type=int, default=512, help="output size of the time-to-result runs")
     p.add_argument("--single-iterations", type=int, default=300, help="iterations of the single-scale run")
@@ -795,7 +804,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.quick:
         args.sizes, args.iterations, args.repeats, args.warmup = "128,256", 2, 3, 1
         args.agree_iterations, args.experiment_rounds = 8, 1
-        args.target_repeats, args.mem_iterations, args.conv_repeats = 1, 2, 3
+        args.target_repeats, args.mem_iterations, args.conv_repeats, args.mem_repeats = 1, 2, 3, 1
         args.scale_size, args.single_iterations, args.scales, args.scale_iterations = 256, 60, "64,128,256", "60,30,60"
         args.experiments = "base,channels_last+interleaved,base+exact,interleaved+exact"
         args.experiment_size = 256
@@ -897,31 +906,37 @@ def main(argv: list[str] | None = None) -> int:
                     [[s, fmt_s(a), fmt_s(b), f"{b / a:.2f}x"] for s, (a, b) in targets.items()]))
     report["targets"] = targets
 
-    # 3: peak memory, each configuration in a fresh subprocess
-    memory: dict[str, dict] = {}
+    # 3: peak memory, each configuration in fresh subprocesses
+    memory: dict[str, list[dict]] = {}
     if "memory" not in skip:
-        for mode in MEMORY_MODES:
-            for size in sizes:
-                for opt in optimizers:
-                    for tool in TOOLS:
-                        spec = {"tool": tool, "size": size, "optimizer": opt, "iterations": args.mem_iterations,
-                                "seed": args.seed, "content": args.content, "style": args.style,
-                                "exact": mode == "/exact", "keep": mode == "/keep"}
-                        memory[f"{size}/{opt}/{tool}{mode}"] = in_subprocess("memory", spec)
+        for _ in range(args.mem_repeats):
+            for mode in MEMORY_MODES:
+                for size in sizes:
+                    for opt in optimizers:
+                        for tool in TOOLS:
+                            spec = {"tool": tool, "size": size, "optimizer": opt, "iterations": args.mem_iterations,
+                                    "seed": args.seed, "content": args.content, "style": args.style,
+                                    "exact": mode == "/exact", "keep": mode == "/keep"}
+                            memory.setdefault(f"{size}/{opt}/{tool}{mode}", []).append(in_subprocess("memory", spec))
         for mode in MEMORY_MODES:
             rows = []
             for size in sizes:
                 for opt in optimizers:
                     a, b = memory[f"{size}/{opt}/impasto{mode}"], memory[f"{size}/{opt}/reference{mode}"]
-                    rows.append([f"{size}/{opt}", *(f"{m[k]['delta'] / 2**20:.0f}" for k in ("targets", "run")
-                                                     for m in (a, b)),
-                                 f"{b['run']['delta'] / a['run']['delta']:.2f}x",
-                                 *(f"{whole_peak(m) / 2**20:.0f}" for m in (a, b)),
-                                 f"{whole_peak(b) / whole_peak(a):.2f}x"])
+                    phase = {(k, t): statistics.median(m[k]["delta"] for m in runs) / 2**20
+                             for k in ("targets", "run") for t, runs in (("a", a), ("b", b))}
+                    whole = {t: statistics.median(whole_peak(m) for m in runs) / 2**20
+                             for t, runs in (("a", a), ("b", b))}
+                    rows.append([f"{size}/{opt}", *(f"{phase[k, t]:.0f}" for k in ("targets", "run") for t in "ab"),
+                                 f"{phase['run', 'b'] / phase['run', 'a']:.2f}x",
+                                 *(f"{whole[t]:.0f} ({spread_mib(runs)})" for t, runs in (("a", a), ("b", b))),
+                                 f"{whole['b'] / whole['a']:.2f}x"])
             print(f"\n3{'abc'[list(MEMORY_MODES).index(mode)]}. Peak memory over the RSS once the network is loaded, "
-                  f"MiB, fresh process each; {MEMORY_MODES[mode]}; run = targets + {args.mem_iterations} iterations")
+                  f"MiB, median of {args.mem_repeats} fresh processes each; {MEMORY_MODES[mode]}; "
+                  f"run = targets + {args.mem_iterations} iterations")
             print(table(["size/optimizer", "impasto targets", "ref targets", "impasto run", "ref run",
-                         "ref/impasto (run)", "impasto whole", "ref whole", "ref/impasto (whole)"], rows))
+                         "ref/impasto (run)", "impasto whole (range)", "ref whole (range)", "ref/impasto (whole)"],
+                        rows))
         print("   targets: building them; run: the optimization after them (the targets' memory is in its baseline);"
               "\n   whole: the process's peak over both, from the RSS once the network is loaded (what a user needs)")
     report["memory"] = memory
