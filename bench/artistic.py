@@ -357,7 +357,7 @@ def impasto_objective(net: VGGFeatures, content: torch.Tensor, style: torch.Tens
 
 def onednn_flops() -> dict[Any, Any]:
     """The FLOP counter's formula for oneDNN's inner product, an op it does not know (impasto's Winograd layers
-    and Gram gradients call it): x (M, K) times w (N, K)^T is 2 M N K."""
+    call it): x (M, K) times w (N, K)^T is 2 M N K."""
     if products.LINEAR is None:
         return {}
 
