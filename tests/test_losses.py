@@ -297,4 +297,3 @@ def test_channels_last_features_give_the_same_gram_and_a_gradient_in_their_layou
         grads.append((gram, grad))
     assert torch.allclose(grads[0][0], grads[1][0], rtol=1e-12, atol=0)
     assert torch.allclose(grads[0][1], grads[1][1], rtol=1e-12, atol=0)
-
