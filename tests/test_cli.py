@@ -185,6 +185,15 @@ def test_bad_size_is_an_argparse_usage_error(pics, capsys, value, expected):
     assert list(pics.out_dir.iterdir()) == []
 
 
+def test_preserve_color_and_its_neural_style_spelling_together_are_a_usage_error(pics, capsys):
+    """--preserve-colors is neural_style.py's --preserve-color luminance; given with --preserve-color histogram,
+    one of them would be silently ignored."""
+    assert stylize(pics, "--preserve-color", "histogram", "--preserve-colors") == 2
+    line = the_error(capsys.readouterr().err, prefix="impasto stylize: error:")
+    assert "--preserve-colors" in line and "not allowed with" in line and "--preserve-color" in line
+    assert list(pics.out_dir.iterdir()) == []
+
+
 def test_output_equal_to_an_input_is_refused_and_the_input_is_untouched(pics, capsys):
     before = pics.style.read_bytes()
     assert stylize(pics, output=pics.style) == 2

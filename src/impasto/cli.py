@@ -87,10 +87,11 @@ def add_stylize(sub: Any) -> None:
     g.add_argument("--style-blend-weights", type=_list_of(float), nargs="+", help="weight of each style (normalized to sum 1)")
     g.add_argument("--style-scales", type=_list_of(float), nargs="+", help="each style's width relative to the content's (1.0)")
     g = _loss_group(p, d)
-    g.add_argument("--preserve-color", choices=["none", "luminance", "histogram"], default=d.preserve_color,
-                   help="keep the content's colours (Gatys et al. 2016) (%(default)s)")
-    g.add_argument("--preserve-colors", dest="preserve_color", action="store_const", const="luminance",
-                   help="same as --preserve-color luminance (neural_style.py)")
+    colors = g.add_mutually_exclusive_group()  # both at once would silently keep the last one
+    colors.add_argument("--preserve-color", choices=["none", "luminance", "histogram"], default=d.preserve_color,
+                        help="keep the content's colours (Gatys et al. 2016) (%(default)s)")
+    colors.add_argument("--preserve-colors", dest="preserve_color", action="store_const", const="luminance",
+                        help="same as --preserve-color luminance (neural_style.py)")
     _common_groups(p, d)
     p.set_defaults(run=run_stylize)
 
