@@ -118,7 +118,7 @@ def test_sign_keeping_relu_is_twice_differentiable():
     from impasto.nets.vgg import _ReLUKeepingSign
 
     x = torch.randn(1, 2, 5, 5, dtype=torch.float64, requires_grad=True)
-    assert torch.autograd.gradgradcheck(lambda t: _ReLUKeepingSign.apply(t * 1.0) ** 2, (x,))
+    assert torch.autograd.gradgradcheck(lambda t: _ReLUKeepingSign.apply(t * 1.0)[0] ** 2, (x,))
 
 
 def test_forward_hooks_on_relus_run_when_they_keep_only_their_sign():
@@ -139,13 +139,32 @@ def test_max_pool_works_under_torch_func():
     assert torch.equal(batched.squeeze(1), nn.MaxPool2d(2, 2)(x))
 
 
+def test_sign_keeping_relu_and_the_whole_network_work_under_torch_func():
+    """torch.func.grad through the ReLU that keeps its sign, and through a VGG that uses it (relu3_2 before
+    a convolution that keeps nothing of its input), equals autograd's gradient of plain ReLUs."""
+    from impasto.nets.vgg import _ReLUKeepingSign
+
+    x = torch.randn(2, 3, 4, 4)
+    ours = torch.func.grad(lambda t: (_ReLUKeepingSign.apply(t * 1.0)[0] ** 2).sum())(x)
+    theirs = torch.func.grad(lambda t: (torch.relu(t) ** 2).sum())(x)
+    assert torch.equal(ours, theirs)
+    torch.manual_seed(0)
+    net = VGGFeatures("vgg16", ["relu3_3"])
+    image = torch.rand(1, 3, 32, 32)
+    assert sum(dtype == torch.bool for dtype, _ in _saved(net, image.clone().requires_grad_())) == 4  # sign kept
+    ours = torch.func.grad(lambda t: net(t)["relu3_3"].square().sum())(image)
+    leaf = image.clone().requires_grad_()
+    net(leaf)["relu3_3"].square().sum().backward()
+    assert torch.allclose(ours, leaf.grad, rtol=1e-5, atol=1e-6 * float(leaf.grad.abs().max()))
+
+
 def test_sign_keeping_relu_gradient_is_relus_own_nan_included():
     from impasto.nets.vgg import _ReLUKeepingSign
 
     x = torch.tensor([-1.0, 0.0, 2.0, float("nan")])
     grad = torch.tensor([1.0, 2.0, 3.0, 4.0])
     ours, theirs = x.clone().requires_grad_(), x.clone().requires_grad_()
-    _ReLUKeepingSign.apply(ours * 1.0).backward(grad)
+    _ReLUKeepingSign.apply(ours * 1.0)[0].backward(grad)
     torch.relu(theirs).backward(grad)
     assert torch.equal(ours.grad, theirs.grad) and ours.grad.tolist() == [0.0, 0.0, 3.0, 4.0]
 

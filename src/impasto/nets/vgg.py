@@ -157,15 +157,21 @@ class _ReLUKeepingSign(torch.autograd.Function):
     the output is not <= 0).
     """
 
-    @staticmethod
-    def forward(ctx, x: torch.Tensor) -> torch.Tensor:
-        ctx.mark_dirty(x)
-        x.relu_()
-        ctx.save_for_backward(x <= 0)
-        return x
+    generate_vmap_rule = True  # torch.func transforms work, as they do through nn.ReLU
 
     @staticmethod
-    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:  # differentiable ops: Hessians work
+    def forward(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        x.relu_()
+        return x, x <= 0
+
+    @staticmethod
+    def setup_context(ctx, inputs: tuple[torch.Tensor], output: tuple[torch.Tensor, torch.Tensor]) -> None:
+        ctx.mark_dirty(inputs[0])
+        ctx.mark_non_differentiable(output[1])
+        ctx.save_for_backward(output[1])
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor, _: torch.Tensor) -> torch.Tensor:  # differentiable ops: Hessians work
         (cut,) = ctx.saved_tensors
         return torch.where(cut, 0.0, grad)
 
@@ -179,7 +185,7 @@ class LeanReLU(nn.ReLU):
 
     def forward(self, x: torch.Tensor, keep: Keep = "output") -> torch.Tensor:
         if keep != "output" and self.inplace and x.requires_grad and torch.is_grad_enabled():
-            return (_ReLUKeepingSign if keep == "sign" else _ReLUKeepingNothing).apply(x)
+            return _ReLUKeepingSign.apply(x)[0] if keep == "sign" else _ReLUKeepingNothing.apply(x)
         return super().forward(x)
 
 
