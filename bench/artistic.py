@@ -725,6 +725,13 @@ def first_reach(curve: list[tuple[float, float]], loss: float) -> tuple[float, i
 
 # --- output ------------------------------------------------------------------------------------------
 
+def positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
 def table(headers: list[str], rows: list[list[Any]]) -> str:
     cells = [[str(h) for h in headers]] + [[str(c) for c in r] for r in rows]
     widths = [max(len(r[i]) for r in cells) for i in range(len(headers))]
@@ -763,7 +770,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--warmup", type=int, default=2, help="warm-up iterations before timing")
     p.add_argument("--target-repeats", type=int, default=3)
     p.add_argument("--mem-iterations", type=int, default=3, help="iterations run when measuring peak memory")
-    p.add_argument("--mem-repeats", type=int, default=3,
+    p.add_argument("--mem-repeats", type=positive_int, default=3,
                    help="fresh processes per memory configuration, tools alternating (medians are reported: "
                    "a heap's high-water mark varies by tens of MiB from run to run)")
     p.add_argument("--conv-repeats", type=int, default=5)

@@ -139,23 +139,40 @@ def test_max_pool_works_under_torch_func():
     assert torch.equal(batched.squeeze(1), nn.MaxPool2d(2, 2)(x))
 
 
-def test_sign_keeping_relu_and_the_whole_network_work_under_torch_func():
-    """torch.func.grad through the ReLU that keeps its sign, and through a VGG that uses it (relu3_2 before
-    a convolution that keeps nothing of its input), equals autograd's gradient of plain ReLUs."""
+def test_sign_keeping_relu_works_under_torch_func_grad():
     from impasto.nets.vgg import _ReLUKeepingSign
 
     x = torch.randn(2, 3, 4, 4)
     ours = torch.func.grad(lambda t: (_ReLUKeepingSign.apply(t * 1.0)[0] ** 2).sum())(x)
     theirs = torch.func.grad(lambda t: (torch.relu(t) ** 2).sum())(x)
     assert torch.equal(ours, theirs)
+
+
+@pytest.mark.filterwarnings("ignore:`torch.jit.script` is deprecated:DeprecationWarning")  # jacfwd's, not ours
+@pytest.mark.parametrize("pooling", ["max", "avg"])
+def test_whole_network_works_under_torch_func(pooling):
+    """grad, vmap of grad and forward-mode jacobians through a VGG whose ReLUs keep only a sign or nothing
+    under plain autograd: under torch.func they run as nn.ReLU (vmap cannot batch a Function that marks its
+    input dirty, and they have no jvp), with the same gradient."""
     torch.manual_seed(0)
-    net = VGGFeatures("vgg16", ["relu3_3"])
-    image = torch.rand(1, 3, 32, 32)
-    assert sum(dtype == torch.bool for dtype, _ in _saved(net, image.clone().requires_grad_())) == 4  # sign kept
-    ours = torch.func.grad(lambda t: net(t)["relu3_3"].square().sum())(image)
-    leaf = image.clone().requires_grad_()
-    net(leaf)["relu3_3"].square().sum().backward()
-    assert torch.allclose(ours, leaf.grad, rtol=1e-5, atol=1e-6 * float(leaf.grad.abs().max()))
+    net = VGGFeatures("vgg16", ["relu3_3"], pooling=pooling)
+    assert torch.bool in {dtype for dtype, _ in _saved(net, torch.rand(1, 3, 32, 32, requires_grad=True))}
+
+    def f(t: torch.Tensor) -> torch.Tensor:
+        return net(t)["relu3_3"].square().sum()
+
+    images = torch.rand(3, 1, 3, 32, 32)
+    autograd = []
+    for image in images:
+        leaf = image.clone().requires_grad_()
+        f(leaf).backward()
+        autograd.append(leaf.grad)
+    assert torch.equal(torch.func.grad(f)(images[0]), autograd[0])
+    batched = torch.func.vmap(torch.func.grad(f))(images)
+    assert torch.allclose(batched, torch.stack(autograd), rtol=1e-5, atol=1e-6 * float(autograd[0].abs().max()))
+    small = torch.rand(1, 3, 16, 16)
+    forward_mode = torch.func.jacfwd(lambda t: net(t)["relu3_3"].sum())(small)
+    assert torch.allclose(forward_mode, torch.func.jacrev(lambda t: net(t)["relu3_3"].sum())(small), atol=1e-5)
 
 
 def test_sign_keeping_relu_gradient_is_relus_own_nan_included():
@@ -285,6 +302,10 @@ def test_average_pooling_gives_torch_values_and_gradient_and_keeps_nothing():
             y = AvgPool2x2()(x)
             (g,) = torch.autograd.grad(y, x, torch.ones_like(y))  # .grad would be made to follow x's layout
             assert g.is_contiguous(memory_format=layout)  # the gradient in the input's layout
+    x = torch.randn(3, 2, 6, 6, 4).permute(0, 1, 4, 2, 3)  # under vmap, each sample (2, 4, 6, 6) channels last
+    per_sample = torch.func.vmap(torch.func.grad(lambda t: (AvgPool2x2()(t) ** 2).sum()))(x)
+    theirs = torch.stack([torch.func.grad(lambda t: (nn.AvgPool2d(2, 2)(t) ** 2).sum())(t) for t in x])
+    assert torch.equal(per_sample, theirs)
     assert _saved_dtypes(AvgPool2x2(), torch.randn(1, 2, 4, 4, requires_grad=True)) == []
     assert _saved_dtypes(nn.AvgPool2d(2, 2), torch.randn(1, 2, 4, 4, requires_grad=True)) == [torch.float32]
     x64 = torch.randn(1, 2, 6, 6, dtype=torch.float64, requires_grad=True)

@@ -36,8 +36,9 @@ def gram_matrix(features: torch.Tensor, mask: torch.Tensor | None = None) -> tor
 class _OuterProduct(torch.autograd.Function):
     """F F^T for (N, C, L) features, with the backward (G' + G'^T) F: one matrix product where autograd's
     generic bmm backward does two (measured 2.2x faster forward + backward on relu1_1 at 512 px). That
-    product stays on MKL: on oneDNN (`products`) an evaluation at 512 px ran 1.05x faster, but the impasto
-    command's peak memory rose by 40-60 MiB at 256-512 px (the same live memory, a more fragmented heap)."""
+    product stays on MKL: on oneDNN (`products`) an evaluation at 512 px ran 1.05x faster, but as the impasto
+    command runs the heap's high-water mark rose by 40-60 MiB at 256-512 px, with the same live memory
+    (cause not found; docs/benchmarks.md, session 9)."""
 
     @staticmethod
     def forward(ctx, flat: torch.Tensor) -> torch.Tensor:

@@ -112,8 +112,9 @@ _WINDOW = ((0, 0), (0, 1), (1, 0), (1, 1))  # a 2x2 window's inputs in max pooli
 
 
 def _memory_format(x: torch.Tensor) -> torch.memory_format:
-    """channels_last for a 4-d tensor laid out so (and not also plainly contiguous), else contiguous_format."""
-    cl = x.dim() == 4 and not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last)
+    """channels_last for a 4-d tensor with its channels innermost, else contiguous_format. Read from the
+    strides: vmap's batched tensors answer no is_contiguous(memory_format=channels_last)."""
+    cl = x.dim() == 4 and x.shape[1] > 1 and x.stride(1) == 1 and not x.is_contiguous()
     return torch.channels_last if cl else torch.contiguous_format
 
 
@@ -157,7 +158,7 @@ class _ReLUKeepingSign(torch.autograd.Function):
     the output is not <= 0).
     """
 
-    generate_vmap_rule = True  # torch.func transforms work, as they do through nn.ReLU
+    generate_vmap_rule = True  # torch.func.grad works through it (LeanReLU runs nn.ReLU under torch.func)
 
     @staticmethod
     def forward(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -179,12 +180,19 @@ class _ReLUKeepingSign(torch.autograd.Function):
 Keep = Literal["output", "sign", "nothing"]
 
 
+def _in_torch_func() -> bool:
+    """Whether a torch.func transform is running: vmap cannot batch an autograd.Function that marks its input
+    dirty, and forward-mode transforms need a jvp the lean ReLUs do not have, so there nn.ReLU runs."""
+    active = getattr(torch._C, "_are_functorch_transforms_active", None)
+    return bool(active()) if active is not None else False
+
+
 class LeanReLU(nn.ReLU):
     """nn.ReLU that keeps for backward only what its backward needs: its output (as nn.ReLU), only its
     sign ("sign"), or nothing ("nothing": the max pooling after it does its backward)."""
 
     def forward(self, x: torch.Tensor, keep: Keep = "output") -> torch.Tensor:
-        if keep != "output" and self.inplace and x.requires_grad and torch.is_grad_enabled():
+        if keep != "output" and self.inplace and x.requires_grad and torch.is_grad_enabled() and not _in_torch_func():
             return _ReLUKeepingSign.apply(x)[0] if keep == "sign" else _ReLUKeepingNothing.apply(x)
         return super().forward(x)
 
@@ -220,10 +228,10 @@ class _AvgPool2x2(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor) -> torch.Tensor:  # differentiable ops: Hessians work
-        n, c, h, w = grad.shape
+        h, w = grad.shape[-2:]
         out = _input_gradient_buffer(grad, ctx.shape, ctx.memory_format)
-        spread = (grad / 4)[:, :, :, None, :, None].expand(n, c, h, 2, w, 2)  # each input gets a quarter
-        out[..., : 2 * h, : 2 * w] = spread.reshape(n, c, 2 * h, 2 * w)
+        windows = out[..., : 2 * h, : 2 * w].unflatten(-1, (w, 2)).unflatten(-3, (h, 2))  # (..., h, 2, w, 2)
+        windows.copy_((grad / 4)[..., None, :, None])  # each input gets a quarter, written in out's layout
         return out
 
 
