@@ -170,7 +170,7 @@ def estimate_bytes(net: VGGFeatures, hw: tuple[int, int], opts: StylizeOptions) 
 
 def check_memory(net: VGGFeatures, hw: tuple[int, int], opts: StylizeOptions, device: torch.device) -> None:
     """Refuse a run that will not fit; one that fits only without the kept Winograd transforms (CPU)
-    makes them at each pass instead, with a warning (1.1x the time at 512 px, 1.5x at 256 px). The network
+    makes them at each pass instead, with a warning (1.04-1.11x the time at 512 px, 1.3-1.5x at 256 px). The network
     stays so: a caller's network passed on to later runs keeps making them at each pass."""
     need, have = estimate_bytes(net, hw, opts), available_bytes(device)
     convs = [m for m in net.modules() if isinstance(m, FrozenConv3x3)] if device.type == "cpu" else []
