@@ -38,7 +38,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn, optim
 
-from impasto import images, products
+from impasto import images
 from impasto.allocator import keep_freed_memory
 from impasto.artistic import (
     DEFAULT_CONTENT_LAYERS,
@@ -47,8 +47,9 @@ from impasto.artistic import (
     StylizeOptions,
     stylize_tensors,
 )
+from impasto.cli import _positive_int
 from impasto.losses import PerceptualLoss
-from impasto.nets import VGGFeatures, load_vgg
+from impasto.nets import VGGFeatures, load_vgg, winograd
 from impasto.perceptual import build_loss, layer_weights, network_objective
 
 warnings.filterwarnings("ignore", message="using random VGG weights")
@@ -358,20 +359,19 @@ def impasto_objective(net: VGGFeatures, content: torch.Tensor, style: torch.Tens
 def onednn_flops() -> dict[Any, Any]:
     """The FLOP counter's formula for oneDNN's inner product, an op it does not know (impasto's Winograd layers
     call it): x (M, K) times w (N, K)^T is 2 M N K."""
-    if products.LINEAR is None:
+    if winograd._LINEAR is None:
         return {}
 
     def inner_product(x_shape: Any, w_shape: Any, *args: Any, **kwargs: Any) -> int:
         return 2 * math.prod(x_shape[:-1]) * w_shape[0] * x_shape[-1]
 
-    return {products.LINEAR.overloadpacket: inner_product}
+    return {winograd._LINEAR.overloadpacket: inner_product}
 
 
 def count_flops(net: VGGFeatures, cnn: nn.Sequential, content: torch.Tensor, style: torch.Tensor,
                 size: int) -> tuple[int, int]:
     """FLOPs of one objective evaluation (forward + backward to the image), impasto and reference."""
     from torch.utils.flop_counter import FlopCounterMode
-
 
     objective, c = impasto_objective(net, content, style, size)
     x = c.unsqueeze(0).clone().requires_grad_(True)
@@ -725,13 +725,6 @@ def first_reach(curve: list[tuple[float, float]], loss: float) -> tuple[float, i
 
 # --- output ------------------------------------------------------------------------------------------
 
-def positive_int(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
-    return value
-
-
 def table(headers: list[str], rows: list[list[Any]]) -> str:
     cells = [[str(h) for h in headers]] + [[str(c) for c in r] for r in rows]
     widths = [max(len(r[i]) for r in cells) for i in range(len(headers))]
@@ -770,7 +763,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--warmup", type=int, default=2, help="warm-up iterations before timing")
     p.add_argument("--target-repeats", type=int, default=3)
     p.add_argument("--mem-iterations", type=int, default=3, help="iterations run when measuring peak memory")
-    p.add_argument("--mem-repeats", type=positive_int, default=3,
+    p.add_argument("--mem-repeats", type=_positive_int, default=3,
                    help="fresh processes per memory configuration, tools alternating (medians are reported: "
                    "a heap's high-water mark varies by tens of MiB from run to run)")
     p.add_argument("--conv-repeats", type=int, default=5)

@@ -4,7 +4,6 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from impasto import products
 from impasto.nets import VGGFeatures, winograd
 from impasto.nets.winograd import FrozenConv3x3, WinogradWeights, winograd_conv3x3
 
@@ -84,7 +83,7 @@ def test_bands_of_tiles_give_the_whole_image_result(monkeypatch):
     assert (banded[1].double() - gd).abs().max() <= 2e-5 * gd.abs().max()
 
 
-@pytest.mark.skipif(products.LINEAR is None or not torch.backends.mkldnn.is_available(),
+@pytest.mark.skipif(winograd._LINEAR is None or not torch.backends.mkldnn.is_available(),
                     reason="this PyTorch build has no oneDNN inner product")
 def test_onednn_products_give_matmul_results(monkeypatch):
     """The channel mixing and tile transforms run on oneDNN's inner product where it is there (2x MKL's
@@ -94,11 +93,11 @@ def test_onednn_products_give_matmul_results(monkeypatch):
     x = torch.randn(2, 24, 21, 17, generator=torch.Generator().manual_seed(6))
     g = torch.randn(2, 32, 21, 17, generator=torch.Generator().manual_seed(7))
     calls: list[int] = []
-    real = products.LINEAR
-    monkeypatch.setattr(products, "LINEAR", lambda *a: calls.append(1) or real(*a))
+    real = winograd._LINEAR
+    monkeypatch.setattr(winograd, "_LINEAR", lambda *a: calls.append(1) or real(*a))
     onednn = _forward_and_gradient(x, weights, g)
     assert calls  # it was used
-    monkeypatch.setattr(products, "LINEAR", None)
+    monkeypatch.setattr(winograd, "_LINEAR", None)
     plain = _forward_and_gradient(x, weights, g)
     for a, b in zip(onednn, plain, strict=True):
         assert (a - b).abs().max() <= 1e-5 * b.abs().max()

@@ -25,8 +25,6 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..products import onednn_for, times_transposed
-
 TILE = 4  # output pixels per tile side
 SPAN = TILE + 2  # input pixels per tile side (a 3x3 kernel needs one more on each side)
 
@@ -65,6 +63,25 @@ class WinogradWeights:
 BAND_TILES = 128  # tiles per band: a temporary (36 x tiles x channels) is at most 9 MiB for maps up to 512 px wide
 
 
+def _inner_product() -> Callable[..., torch.Tensor] | None:
+    """oneDNN's inner product (PyTorch's fused-linear op), where this build has it."""
+    try:
+        return torch.ops.mkldnn._linear_pointwise.default
+    except (AttributeError, RuntimeError):
+        return None
+
+
+_LINEAR = _inner_product()
+
+
+def _onednn_for(t: torch.Tensor) -> Callable[..., torch.Tensor] | None:
+    """oneDNN's inner product where it may take a product with t: float32 on the CPU, and no graph being
+    built (its op has no derivative, so a double backward takes matmul)."""
+    usable = (not torch.is_grad_enabled() and t.dtype == torch.float32 and t.device.type == "cpu"
+              and torch.backends.mkldnn.is_available() and bool(torch.backends.mkldnn.enabled))
+    return _LINEAR if usable else None
+
+
 def _float32_products_in_float32() -> bool:
     """False where the user lets oneDNN compute float32 products in bf16 or tf32
     (torch.backends.mkldnn.matmul.fp32_precision): Winograd's transforms would amplify that rounding, so
@@ -77,7 +94,7 @@ def _mix(v: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
     """The channel mixing of each transformed position p: v[p] (tiles, K) @ u[p]^T (K, N) -> (36, tiles, N).
     matmul would call MKL's sgemm, which ran these shapes at 130-190 GFLOP/s on an AVX-512 AMD CPU where
     oneDNN's inner product ran them at 330-386."""
-    linear = onednn_for(v)
+    linear = _onednn_for(v)
     if linear is None:
         return torch.matmul(v, u.transpose(1, 2))
     return torch.stack([linear(v[p], u[p], None, "none", [], "") for p in range(len(v))])
@@ -85,7 +102,8 @@ def _mix(v: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
 
 def _transform_by(matrix: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     """matrix (r, k) @ x (k, N) for a fixed tile transform: memory-bound, and oneDNN's is 1.4-2.6x MKL's there."""
-    return times_transposed(matrix, x.t())
+    linear = _onednn_for(x)
+    return matrix @ x if linear is None else linear(matrix, x.t(), None, "none", [], "")
 
 
 def _bands(tile_rows: int, tile_cols: int) -> list[tuple[int, int]]:
