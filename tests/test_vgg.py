@@ -74,11 +74,14 @@ def test_relu_before_a_winograd_conv_keeps_only_its_sign_and_the_gradient_is_unc
     16-px map) and keep nothing, so those ReLUs' backward needs only which values were positive; relu3_3
     is requested, so a loss may read it, and it keeps its float output."""
     torch.manual_seed(0)
+    monkeypatch.setenv("IMPASTO_WINOGRAD", "1")  # at every size: at 64 px its transforms would not pay
     net = VGGFeatures("vgg16", ["relu3_3"])
+    assert net.uses_winograd(1, 64, 64)
     x = torch.rand(1, 3, 64, 64)
     feature_map = (1, 256, 16, 16)
 
     saved = _saved(net, x.clone().requires_grad_())
+    assert net.layers.conv3_2._cached is not None  # it ran as Winograd
     assert saved.count((torch.bool, feature_map)) == 2
     assert saved.count((torch.float32, feature_map)) == 1  # relu3_3's output only
 

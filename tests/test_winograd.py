@@ -286,3 +286,27 @@ def test_impasto_winograd_cache_0_makes_the_transform_at_each_pass_with_the_same
         grads.append(xi.grad)
     assert lean._cached is None and kept._cached is not None
     assert torch.equal(outs[0], outs[1]) and torch.equal(grads[0], grads[1])
+
+
+def test_vgg_runs_winograd_only_where_its_transforms_take_no_more_memory_than_the_feature_maps(monkeypatch):
+    """conv3_1's transform (36 values per kernel) is 4.7 MB; one pass's conv outputs up to relu3_1 take
+    4 bytes x (64 + 64) channels at full size, 128 + 128 at half, 256 at quarter: 4.3 MB at 72 px, so a
+    72-px image runs direct, two of them or one of 80 px run Winograd (and keep the transform)."""
+    def maps(side: int) -> int:
+        return 128 * side**2 + 256 * (side // 2) ** 2 + 256 * (side // 4) ** 2
+
+    transform = 36 * 256 * 128 * 4
+    assert 4 * maps(72) < transform <= 4 * maps(80)
+
+    def ran_winograd(net: VGGFeatures, batch: int, side: int) -> bool:
+        net.layers.conv3_1._cached = None
+        x = torch.rand(batch, 3, side, side, requires_grad=True)
+        net(x)["relu3_1"].sum().backward()
+        return net.layers.conv3_1._cached is not None
+
+    net = VGGFeatures("vgg19", ["relu3_1"])
+    assert net.feature_elements(72, 72) == maps(72) and net.feature_elements(80, 80) == maps(80)
+    assert [ran_winograd(net, b, s) for b, s in [(1, 72), (2, 72), (1, 80)]] == [False, True, True]
+    assert [net.kept_transform_bytes(s, s) for s in (72, 80)] == [0, transform]
+    monkeypatch.setenv("IMPASTO_WINOGRAD", "1")  # at every size
+    assert ran_winograd(VGGFeatures("vgg19", ["relu3_1"]), 1, 72)

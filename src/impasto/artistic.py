@@ -156,13 +156,7 @@ def output_sizes(content_hw: tuple[int, int], opts: StylizeOptions) -> list[tupl
 def estimate_bytes(net: VGGFeatures, hw: tuple[int, int], opts: StylizeOptions) -> int:
     """Rough peak memory of one optimization at (H, W): activations kept for backward, their
     gradients, and the optimizer's per-pixel state (L-BFGS keeps 2 vectors per history step)."""
-    h, w = hw
-    act = 0
-    for name, layer in net.layers.named_children():
-        if isinstance(layer, (torch.nn.MaxPool2d, torch.nn.AvgPool2d)):
-            h, w = h // 2, w // 2
-        elif name.startswith("conv"):
-            act += int(layer.out_channels) * h * w  # type: ignore[arg-type]
+    act = net.feature_elements(*hw)
     pixels = 3 * hw[0] * hw[1]
     history = 2 * opts.lbfgs_history if opts.optimizer == "lbfgs" else 3
     return 4 * (3 * act + (history + 4) * pixels)
@@ -170,14 +164,14 @@ def estimate_bytes(net: VGGFeatures, hw: tuple[int, int], opts: StylizeOptions) 
 
 def check_memory(net: VGGFeatures, hw: tuple[int, int], opts: StylizeOptions, device: torch.device) -> None:
     """Refuse a run that will not fit; one that fits only without the kept Winograd transforms (CPU)
-    makes them at each pass instead, with a warning (1.04-1.11x the time at 512 px, 1.3-1.5x at 256 px). The network
+    makes them at each pass instead, with a warning (1.04-1.11x the time at 512 px). The network
     stays so: a caller's network passed on to later runs keeps making them at each pass."""
     need, have = estimate_bytes(net, hw, opts), available_bytes(device)
-    convs = [m for m in net.modules() if isinstance(m, FrozenConv3x3)] if device.type == "cpu" else []
-    kept = sum(m.kept_transform_bytes() for m in convs)
+    kept = net.kept_transform_bytes(*hw) if device.type == "cpu" else 0
     if need + kept > 0.8 * have and need <= 0.8 * have:
-        for m in convs:
-            m.make_transform_per_pass()
+        for m in net.modules():
+            if isinstance(m, FrozenConv3x3):
+                m.make_transform_per_pass()
         warn(f"a {hw[1]}x{hw[0]} run fits in memory only without keeping the Winograd transforms "
              f"({kept / 2**20:.0f} MiB): making them at each pass, which is slower")
     if need > 0.8 * have:

@@ -255,7 +255,8 @@ class FrozenConv3x3(nn.Conv2d):
     that oneDNN may round to bf16/tf32) it is `nn.Conv2d`.
     The transformed weights (4x the layer's weights: 200 MB for VGG19 up to relu5_1) are made on first
     use and remade when the weights change in place or move; IMPASTO_WINOGRAD_CACHE=0 makes them at each pass
-    instead (in forward and again in backward). IMPASTO_WINOGRAD=0 turns Winograd off."""
+    instead (in forward and again in backward). IMPASTO_WINOGRAD=0 turns Winograd off; a caller may turn it
+    off for one pass (`forward(x, winograd=False)`: `VGGFeatures` does for small images)."""
 
     # Measured on a 2-core CPU, forward + backward: 1.2-2.2x from 128->256 to 512->512 channels at 24x32
     # pixels or more; 0.6x at 128->128 (the transforms cost more than they save); 0.9x at 12x16, 0.4x at 8x8.
@@ -270,8 +271,8 @@ class FrozenConv3x3(nn.Conv2d):
         self.keep_transform = os.environ.get("IMPASTO_WINOGRAD_CACHE", "1") != "0"
         self._cached: tuple[tuple[object, ...], WinogradWeights] | None = None
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self._use_winograd(x):
+    def forward(self, x: torch.Tensor, winograd: bool = True) -> torch.Tensor:
+        if winograd and self._use_winograd(x):
             return winograd_conv3x3(x, self._winograd_weights() if self.keep_transform else self._transform)
         if self._frozen_on_cpu(x) and x.requires_grad and torch.is_grad_enabled():
             return _FrozenConv3x3.apply(x, self.weight, self.bias)
@@ -291,9 +292,16 @@ class FrozenConv3x3(nn.Conv2d):
         return (self.winograd and min(x.shape[-2:]) >= self.MIN_SIDE and self._frozen_on_cpu(x)
                 and _float32_products_in_float32())
 
-    def kept_transform_bytes(self) -> int:
-        """The memory a kept transform takes once made (36 values per kernel), 0 where none is kept."""
-        return SPAN * SPAN * self.out_channels * self.in_channels * 4 if self.winograd and self.keep_transform else 0
+    def transform_bytes(self, side: int) -> int:
+        """The memory the transformed weights take (36 values per kernel) where a map whose shorter side is
+        `side` pixels would run Winograd, kept or made for the pass; else 0."""
+        runs = self.winograd and side >= self.MIN_SIDE
+        return SPAN * SPAN * self.out_channels * self.in_channels * 4 if runs else 0
+
+    def kept_transform_bytes(self, side: int | None = None) -> int:
+        """The memory a kept transform takes once made (at maps whose shorter side is `side`, where given),
+        0 where none is kept."""
+        return self.transform_bytes(self.MIN_SIDE if side is None else side) if self.keep_transform else 0
 
     def make_transform_per_pass(self) -> None:
         """From now on, make the transformed weights at each pass instead of keeping them."""
