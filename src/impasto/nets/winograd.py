@@ -267,7 +267,7 @@ class FrozenConv3x3(nn.Conv2d):
         super().__init__(in_channels, out_channels, kernel_size=3, padding=1)
         self.winograd = out_channels >= self.MIN_CHANNELS and os.environ.get("IMPASTO_WINOGRAD", "1") != "0"
         # IMPASTO_WINOGRAD_CACHE=0: make the transformed weights at each pass instead of keeping them (203 MiB
-        # less for VGG19 up to relu5_1; measured 1.04-1.11x the time per evaluation at 512 px, 1.3-1.5x at 256 px)
+        # less for VGG19 up to relu5_1; measured 1.04-1.11x the time per evaluation at 512 px)
         self.keep_transform = os.environ.get("IMPASTO_WINOGRAD_CACHE", "1") != "0"
         self._cached: tuple[tuple[object, ...], WinogradWeights] | None = None
 
