@@ -48,6 +48,7 @@ from impasto.artistic import (
     stylize_tensors,
 )
 from impasto.cli import _positive_int
+from impasto.errors import ImpastoError
 from impasto.losses import PerceptualLoss
 from impasto.nets import VGGFeatures, load_vgg, winograd
 from impasto.perceptual import build_loss, layer_weights, network_objective
@@ -255,9 +256,12 @@ def at_size(content: torch.Tensor, style: torch.Tensor, size: int) -> tuple[torc
     return c.to(DEVICE), s.to(DEVICE)
 
 
-def make_net(seed: int) -> VGGFeatures:
+def make_net(seed: int, weights: str = "random") -> VGGFeatures:
+    """VGG19 up to relu5_1: He-initialized from `seed`, or `weights` as `impasto stylize --weights` takes
+    them ("torchvision": the official file from IMPASTO_WEIGHTS or torch.hub's cache)."""
     torch.manual_seed(seed)
-    return load_vgg("vgg19", [*CONTENT_LAYERS, *STYLE_LAYERS], "max", "random", "auto", DEVICE)
+    source = None if weights == "torchvision" else weights
+    return load_vgg("vgg19", [*CONTENT_LAYERS, *STYLE_LAYERS], "max", source, "auto", DEVICE)
 
 
 def options(size: int, iterations: int, optimizer: str, **kw: Any) -> StylizeOptions:
@@ -786,6 +790,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--content", default=None)
     p.add_argument("--style", default=None)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--weights", default="random",
+                   help="VGG19 weights of the in-process parts (speed, agreement, targets, scales): random (timings "
+                   "do not depend on them), torchvision (the official file), or a .pth/.mat path; real weights are "
+                   "what the --scales time to result needs (the subprocess workers always use random ones)")
     p.add_argument("--allocator", choices=("default", "keep"), default="default",
                    help="glibc's allocator for the in-process timings (both tools): its default, or keeping freed "
                    "memory as the impasto command does")
@@ -826,11 +834,15 @@ def main(argv: list[str] | None = None) -> int:
           f"THP_MEM_ALLOC_ENABLE={os.environ.get('THP_MEM_ALLOC_ENABLE', 'unset')} (huge pages for both tools if 1)")
     print(f"allocator for the in-process timings (both tools): {args.allocator}")
     print(f"load average before: {' '.join(f'{x:.2f}' for x in load_before)}")
-    print(f"images: {source}; weights: random He-initialized VGG19 (timings do not depend on weight values)")
+    weights = "random He-initialized VGG19" if args.weights == "random" else f"VGG19 from {args.weights}"
+    print(f"images: {source}; weights: {weights} (timings do not depend on weight values; the time to result does)")
     print(f"per-iteration timing: runs of {args.warmup} warm-up + {args.iterations} timed iterations, "
           f"{args.repeats} runs of each tool alternating; the median is reported\n")
 
-    net = make_net(args.seed)
+    try:
+        net = make_net(args.seed, args.weights)
+    except ImpastoError as e:
+        raise SystemExit(f"bench/artistic.py: {e}") from None
     cnn = build_reference(net)
     t_start = time.perf_counter()
 
