@@ -310,3 +310,29 @@ def test_vgg_runs_winograd_only_where_its_transforms_take_no_more_memory_than_th
     assert [net.kept_transform_bytes(s, s) for s in (72, 80)] == [0, transform]
     monkeypatch.setenv("IMPASTO_WINOGRAD", "1")  # at every size
     assert ran_winograd(VGGFeatures("vgg19", ["relu3_1"]), 1, 72)
+
+
+@pytest.mark.parametrize("hw", [(18, 16), (16, 18), (18, 18)])
+def test_an_output_cut_from_whole_tiles_can_be_modified_in_place(hw):
+    """Sizes that are not whole tiles cut the output from a bigger one. Cutting only rows of one image left
+    a contiguous view, and the in-place ReLU after it failed in autograd (a 512x341 image crashed)."""
+    weight, bias = _weights(4, 8)
+    x = torch.randn(1, 4, *hw, generator=torch.Generator().manual_seed(6))
+    xw, xd = x.clone().requires_grad_(True), x.double().requires_grad_(True)
+    torch.relu_(winograd_conv3x3(xw, WinogradWeights(weight, bias))).sum().backward()
+    torch.relu_(F.conv2d(xd, weight.double(), bias.double(), padding=1)).sum().backward()
+    assert (xw.grad.double() - xd.grad).abs().max() <= 2e-5 * xd.grad.abs().max()
+
+
+def test_vgg_runs_a_3_to_2_image_through_winograd(monkeypatch):
+    """68x64 px: conv3's maps are 17x16, rows not a whole number of tiles (as a 512x341 photo's are)."""
+    grads = []
+    for every_size in ("1", "0"):
+        monkeypatch.setenv("IMPASTO_WINOGRAD", every_size)
+        torch.manual_seed(0)
+        net = VGGFeatures("vgg16", ["relu3_3"])
+        x = torch.rand(1, 3, 68, 64, generator=torch.Generator().manual_seed(7), requires_grad=True)
+        net(x)["relu3_3"].square().sum().backward()
+        assert (net.layers.conv3_2._cached is not None) == (every_size == "1")
+        grads.append(x.grad)
+    assert (grads[0] - grads[1]).abs().max() <= 1e-4 * grads[1].abs().max()

@@ -196,7 +196,9 @@ class _WinogradConv3x3(torch.autograd.Function):
             _forward(_padded_hwc(image, th * TILE + 2, tw * TILE + 2, 1), weights, out.permute(1, 2, 0))
         if (h, w) == (th * TILE, tw * TILE):
             return y
-        return y[:, :, :h, :w].contiguous(memory_format=torch.channels_last)
+        # a copy, never a view of y: cutting only rows of one image leaves it contiguous, and the ReLU after
+        # runs in place, which autograd forbids on a custom Function's view
+        return y[:, :, :h, :w].clone(memory_format=torch.channels_last)
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor, None]:  # differentiable ops: Hessians work
