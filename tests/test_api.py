@@ -51,6 +51,18 @@ def test_a_resampling_overshoot_is_clamped_with_a_warning():
         assert torch.equal(as_tensor(t), t.clamp(0, 1))
 
 
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float16, torch.bfloat16])
+def test_float_tensors_of_any_precision_are_read_as_float32(make_scene, make_texture, dtype):
+    """float64 met the float32 weights and float16 could not be resized: both were PyTorch errors."""
+    content, style = make_scene(40, 48), make_texture((0.9, 0.1, 0.1), 24, 24)
+    assert as_tensor(content.to(dtype)).dtype == torch.float32
+    with pytest.warns(ImpastoWarning, match="random VGG weights"):
+        got = impasto.stylize(content.to(dtype), style.to(dtype), **FAST)
+    with pytest.warns(ImpastoWarning, match="random VGG weights"):
+        want = impasto.stylize(content.to(dtype).float(), style.to(dtype).float(), **FAST)
+    assert np.array_equal(np.asarray(got), np.asarray(want))
+
+
 def test_uint8_tensors_are_read_as_0_to_255():
     t = torch.tensor([0, 51, 255], dtype=torch.uint8).view(3, 1, 1).expand(3, 2, 2)
     assert torch.equal(as_tensor(t), t.float() / 255)

@@ -328,6 +328,10 @@ REFUSED = {  # test id: (options, number of style images, expected message)
     "model-unknown": (dict(model="resnet50"), 1, "unknown --model 'resnet50'"),
     "scales-fine-to-coarse": (dict(scales=[64, 32]), 1, "--scales must grow from coarse to fine, got 64,32"),
     "scales-repeated": (dict(scales=[64, 64]), 1, "--scales must grow from coarse to fine, got 64,64"),
+    "content-weight-nan": (dict(content_weight=float("nan")), 1, "--content-weight must be a finite number, got nan"),
+    "noiseblend-nan": (dict(initial_noiseblend=float("nan")), 1, "--initial-noiseblend must be a finite number"),
+    "tv-power-inf": (dict(tv_power=float("inf")), 1, "--tv-power must be a finite number, got inf"),
+    "style-scales-nan": (dict(style_scales=[1.0, float("nan")]), 2, "--style-scales must be a finite number"),
 }
 
 

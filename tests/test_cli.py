@@ -215,6 +215,43 @@ def test_absurd_size_is_refused_by_the_memory_guard_without_allocating(pics, cap
     assert list(pics.out_dir.iterdir()) == []
 
 
+def test_a_style_scaled_beyond_memory_is_refused_before_resizing_it(pics, capsys):
+    rss_before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    assert stylize(pics, "--style-scales", "100000") == 2  # once a traceback: a 2 TB resize
+    line = the_error(capsys.readouterr().err)
+    assert "a style image scaled to 4800000x4800000 needs about" in line  # 100000 x the 48-px output
+    assert line.endswith("use a smaller --style-scales")
+    assert resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - rss_before < 1 << 20
+    assert list(pics.out_dir.iterdir()) == []
+
+
+def test_an_empty_list_option_is_a_usage_error(pics, capsys):
+    assert stylize(pics, "--scales", ",") == 2  # it was taken as no --scales at all
+    assert "--scales: expected comma-separated int values, got ','" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(("error", "rc"), [
+    (RuntimeError("[enforce fail at alloc_cpu.cpp:127] err == 0. DefaultCPUAllocator: can't allocate memory"), 1),
+    (MemoryError(), 1),
+])
+def test_running_out_of_memory_anyway_is_one_line(pics, capsys, monkeypatch, error, rc):
+    def fail(*args, **kwargs):
+        raise error
+
+    monkeypatch.setattr("impasto.artistic.stylize_tensors", fail)
+    assert stylize(pics) == rc
+    assert the_error(capsys.readouterr().err) == "impasto: error: out of memory; use a smaller --size"
+
+
+def test_other_runtime_errors_are_not_called_out_of_memory(pics, monkeypatch):
+    def fail(*args, **kwargs):
+        raise RuntimeError("something else")
+
+    monkeypatch.setattr("impasto.artistic.stylize_tensors", fail)
+    with pytest.raises(RuntimeError, match="something else"):
+        stylize(pics)
+
+
 def test_offline_default_weights_say_what_to_download_and_where(pics, capsys, monkeypatch, tmp_path):
     with socket.socket() as s:  # a port that nothing listens on
         s.bind(("127.0.0.1", 0))

@@ -162,6 +162,8 @@ def test_scales_are_refused_for_photo(pics, capsys):
     (["--smooth-eps", "0"], "must be positive"),
     (["--auto-masks", "33"], "--auto-masks makes at most 32 regions, got 33"),
     (["--style-scale", "-1"], "--style-scale must all be positive"),
+    (["--style-scale", "100000"], "use a smaller --style-scale"),  # it was killed for memory, silently
+    (["--affine-weight", "nan"], "--affine-weight must be a finite number, got nan"),
 ])
 def test_bad_photo_options_are_refused(pics, capsys, extra, message):
     assert_one_line_error(capsys, pics, photo(pics, *extra), message)

@@ -39,6 +39,7 @@ def _checked_tensor(t: torch.Tensor) -> torch.Tensor:
         return t.float() / 255
     if not t.is_floating_point():
         raise ImpastoError(f"expected a float or uint8 image tensor, got {t.dtype}")
+    t = t.float()  # the engines compute in float32 (float64 met float32 weights; float16 could not be resized)
     low, high = (float(t.min()), float(t.max())) if t.numel() else (0.0, 1.0)
     if high > 2 or low < -1:  # not [0, 1] with a resampling overshoot: another scale (0-255, or normalized)
         raise ImpastoError(f"expected values in [0, 1], got {low:.4g} to {high:.4g} (divide 0-255 images by 255)")

@@ -7,8 +7,9 @@ the image is optimized coarse to fine over `scales`, each result upsampled as th
 from __future__ import annotations
 
 import itertools
+import math
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from typing import Any, ClassVar
 
 import torch
@@ -92,6 +93,12 @@ class StylizeOptions:
         def positive(name: str, value: float | None) -> None:
             if value is not None and not value > 0:
                 raise ImpastoError(f"--{name.replace('_', '-')} must be positive, got {value}")
+
+        for f in fields(self):  # NaN passes every comparison below as False, and inf makes the loss infinite
+            value = getattr(self, f.name)
+            values = value if isinstance(value, list) else [value]
+            if any(isinstance(v, float) and not math.isfinite(v) for v in values):
+                raise ImpastoError(f"{self.flag(f.name)} must be a finite number, got {value}")
 
         for name in ("size", "width", "iterations", "lbfgs_history"):
             positive(name, getattr(self, name))
@@ -182,6 +189,20 @@ def check_memory(net: VGGFeatures, hw: tuple[int, int], opts: StylizeOptions, de
         )
 
 
+def style_size(style: torch.Tensor, hw: tuple[int, int], scale: float) -> tuple[int, int]:
+    """(H, W) of a style image scaled to `scale` times the output's width, its aspect kept."""
+    return images.size_for_width(style.shape[-2], style.shape[-1], max(1, round(hw[1] * scale)))
+
+
+def check_style_memory(net: VGGFeatures, hw: tuple[int, int], device: torch.device, flag: str) -> None:
+    """Refuse a style image scaled beyond memory: its targets take one forward pass without gradients,
+    counted here as all its feature maps at once (an upper bound)."""
+    need, have = 4 * (net.feature_elements(*hw) + 6 * hw[0] * hw[1]), available_bytes(device)
+    if need > 0.8 * have:
+        raise ImpastoError(f"a style image scaled to {hw[1]}x{hw[0]} needs about {need / 2**30:.1f} GiB but "
+                           f"{device.type} has {have / 2**30:.1f} GiB; use a smaller {flag}")
+
+
 def initial_image(content: torch.Tensor, opts: StylizeOptions, hw: tuple[int, int]) -> torch.Tensor:
     """The starting image: the content, seeded uniform noise, or a given image; optionally blended with noise."""
     generator = torch.Generator().manual_seed(opts.seed)
@@ -249,13 +270,14 @@ def stylize_tensors(
     for hw in sizes:
         check_min_size(net, hw, "the output")
         check_memory(net, hw, opts, device)
+        for s, k in zip(styles, style_scales, strict=True):
+            check_style_memory(net, style_size(s, hw, k), device, opts.flag("style_scales"))
     autocast = autocast_for(device, opts.amp)
     settings = optimizer_settings(opts)
 
     def objective_at(hw: tuple[int, int]) -> Callable[[], Objective]:
         def build() -> Objective:
-            scaled = [images.resize(s, images.size_for_width(s.shape[-2], s.shape[-1], max(1, round(hw[1] * k))))
-                      for s, k in zip(styles, style_scales, strict=True)]
+            scaled = [images.resize(s, style_size(s, hw, k)) for s, k in zip(styles, style_scales, strict=True)]
             for s in scaled:
                 check_min_size(net, (s.shape[-2], s.shape[-1]), "a style image")
             loss = build_loss(net, images.resize(content, hw).to(device), [s.to(device) for s in scaled], opts,

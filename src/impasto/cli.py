@@ -46,13 +46,17 @@ class Parser(argparse.ArgumentParser):
         self.exit(EXIT_USAGE, f"{self.prog}: error: {message} (see --help)\n")
 
 
-def _list_of(kind: type):
-    """Parse '1,2,3' (and, with nargs='+', '1 2 3') into a list of `kind`."""
+def _list_of(kind: type, empty: bool = False):
+    """Parse '1,2,3' (and, with nargs='+', '1 2 3') into a list of `kind`; an empty one only where `empty`
+    (layers: --style-layers '' reconstructs the content alone)."""
     def parse(text: str) -> list:
         try:
-            return [kind(v) for v in text.split(",") if v.strip()]
+            values = [kind(v) for v in text.split(",") if v.strip()]
         except ValueError:
-            raise argparse.ArgumentTypeError(f"expected comma-separated {kind.__name__} values, got {text!r}") from None
+            values = []
+        if not values and not (empty and not text.strip()):
+            raise argparse.ArgumentTypeError(f"expected comma-separated {kind.__name__} values, got {text!r}")
+        return values
     parse.__name__ = f"list of {kind.__name__}"
     return parse
 
@@ -142,9 +146,9 @@ def _loss_group(p: argparse.ArgumentParser, d: Any) -> Any:
     g.add_argument("--tv-power", type=float, default=d.tv_power, help="TV exponent: 2 squared, 1.25 Keras-style, 1 edge-preserving (%(default)s)")
     g.add_argument("--model", choices=["vgg19", "vgg16"], default=d.model)
     g.add_argument("--pooling", choices=["max", "avg"], default=d.pooling)
-    g.add_argument("--content-layers", type=_list_of(str), default=d.content_layers,
+    g.add_argument("--content-layers", type=_list_of(str, empty=True), default=d.content_layers,
                    help="layers whose features the result keeps from the content, comma-separated (%(default)s)")
-    g.add_argument("--style-layers", type=_list_of(str), default=d.style_layers,
+    g.add_argument("--style-layers", type=_list_of(str, empty=True), default=d.style_layers,
                    help="layers whose Gram matrices the result takes from the styles (%(default)s)")
     g.add_argument("--content-layer-weights", type=_list_of(float), help="weight per content layer")
     g.add_argument("--style-layer-weights", type=_list_of(float), help="weight per style layer (equal by default)")
@@ -465,11 +469,20 @@ def main(argv: Sequence[str] | None = None) -> int:
 
         silence_stdout()  # no second error when Python flushes at exit
         return EXIT_BROKEN_PIPE
-    except MemoryError:
+    except (MemoryError, RuntimeError) as e:
+        if not _out_of_memory(e):
+            raise
         print(f"{PROG}: error: out of memory; use a smaller --size", file=sys.stderr)
         return 1
     finally:
         warnings.showwarning = previous
+
+
+def _out_of_memory(e: BaseException) -> bool:
+    """Python's MemoryError, or PyTorch's allocators failing (a RuntimeError on the CPU, OutOfMemoryError on
+    CUDA): what a guess of the memory a run needs can still miss."""
+    return (isinstance(e, MemoryError) or type(e).__name__ == "OutOfMemoryError"
+            or "can't allocate memory" in str(e))
 
 
 if __name__ == "__main__":

@@ -10,7 +10,16 @@ from typing import ClassVar
 import torch
 
 from .. import images
-from ..artistic import StylizeOptions, check_memory, initial_image, loss_network, optimizer_settings, output_sizes
+from ..artistic import (
+    StylizeOptions,
+    check_memory,
+    check_style_memory,
+    initial_image,
+    loss_network,
+    optimizer_settings,
+    output_sizes,
+    style_size,
+)
 from ..errors import ImpastoError
 from ..optimize import Objective, Outcome, Progress, Stage, run_stages
 from ..perceptual import autocast_for, build_loss, check_min_size, network_objective, resolve_device
@@ -86,10 +95,10 @@ def photo_transfer(
     check_min_size(net, hw, "the output")
     check_memory(net, hw, opts, device)
     small = images.resize(content, hw)
-    style_hw = images.size_for_width(style.shape[-2], style.shape[-1],
-                                     max(1, round(hw[1] * (opts.style_scales or [1.0])[0])))
-    style_small = images.resize(style, style_hw)
+    style_hw = style_size(style, hw, (opts.style_scales or [1.0])[0])
     check_min_size(net, style_hw, "the style photo")
+    check_style_memory(net, style_hw, device, opts.flag("style_scales"))
+    style_small = images.resize(style, style_hw)
     regions = _regions(content, style, content_mask, style_mask, opts)
     scaled = None if regions is None else [(_fit(r.content, hw), _fit(r.style, style_hw)) for r in regions]
     autocast = autocast_for(device, opts.amp)
