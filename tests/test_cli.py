@@ -432,6 +432,39 @@ def test_resume_continues_exactly_where_the_state_was_saved(pics, capsys):
 # --- Ctrl-C ------------------------------------------------------------------------------------
 
 
+def test_sigterm_keeps_the_best_image_and_the_state_as_ctrl_c_does(pics, capsys, monkeypatch):
+    from impasto.progress import ProgressBar
+
+    original = ProgressBar.__call__
+
+    def terminated_at_2(self, progress):
+        original(self, progress)
+        if progress.step.iteration == 2:
+            os.kill(os.getpid(), signal.SIGTERM)  # `kill PID`: it used to end the process, losing everything
+
+    monkeypatch.setattr(ProgressBar, "__call__", terminated_at_2)
+    assert stylize(pics, "--state", pics.dir / "st") == 130
+    assert "interrupted after 2 iterations; best image saved to" in capsys.readouterr().err
+    assert read_metadata(pics.out)["iterations"] == 2 and (pics.dir / "st" / "state.pt").is_file()
+    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # the handler is the command's only while it runs
+
+
+def test_a_second_ctrl_c_while_saving_does_not_lose_the_image_or_the_state(pics, capsys, monkeypatch):
+    import impasto.images
+
+    original = impasto.images.save_image
+
+    def interrupted_save(*args, **kwargs):
+        os.kill(os.getpid(), signal.SIGINT)  # arrives while saving: it waits until both files are written
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(impasto.images, "save_image", interrupted_save)
+    assert stylize(pics, "--state", pics.dir / "st") == 130
+    assert capsys.readouterr().err.splitlines()[-1] == "impasto: interrupted"
+    assert read_metadata(pics.out)["iterations"] == 6 and (pics.dir / "st" / "state.pt").is_file()
+    assert no_part_files(pics.dir) == []
+
+
 def test_ctrl_c_keeps_the_best_image_and_the_state(pics):
     ck = pics.dir / "ck"
     args = [sys.executable, "-m", "impasto.cli", "stylize", pics.content, pics.style, "-o", pics.out, *FAST,

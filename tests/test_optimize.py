@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import math
+import os
+import signal
 
 import pytest
 import torch
@@ -214,6 +216,58 @@ def test_ctrl_c_in_objective_then_resume_equals_uninterrupted(name):
     assert not resumed.interrupted and resumed.iterations == 9
     assert torch.equal(full.state["image"], resumed.state["image"])
     assert torch.equal(full.image, resumed.image) and full.loss == resumed.loss
+
+
+class SignalAt(Recorder):
+    """An objective during whose n-th evaluation the process gets a real SIGINT (a Ctrl-C)."""
+
+    def __init__(self, fn, n: int):
+        super().__init__(fn)
+        self.n = n
+
+    def __call__(self, x: torch.Tensor):
+        if len(self.losses) + 1 == self.n:
+            os.kill(os.getpid(), signal.SIGINT)
+        return super().__call__(x)
+
+
+@pytest.mark.parametrize("name", ["lbfgs", "adam"])
+def test_a_ctrl_c_during_a_step_is_held_until_the_step_is_done(name):
+    """The interrupt lands between iterations, never inside one: the 6th evaluation's step completes and
+    counts (before, it was cut short, with L-BFGS's history possibly half updated), and the resume is exact."""
+    f = quartic_bowl()
+    start = torch.rand(1, 3, 2, 2, dtype=torch.float64, generator=torch.Generator().manual_seed(4))
+    settings = OptimizerSettings(name, lr=1.0 if name == "lbfgs" else 0.05, history=4)
+    full = optimize(start, Recorder(f), 9, settings)
+    seen: list[int] = []
+    stopped = optimize(start, SignalAt(f, 6), 9, settings, callback=lambda step, state: seen.append(step.iteration))
+    assert stopped.interrupted and stopped.iterations == 6 and seen == [1, 2, 3, 4, 5, 6]
+    resumed = optimize(start, Recorder(f), 9, settings, resume=_roundtrip(stopped.state))
+    assert torch.equal(full.state["image"], resumed.state["image"]) and full.loss == resumed.loss
+
+
+def test_ctrl_c_between_stages_keeps_the_finished_stage_and_resumes_exactly():
+    """Building a stage's targets (seconds at large sizes) was outside the loop's Ctrl-C handling: an
+    interrupt there lost every finished stage."""
+    f = quartic_bowl()
+    settings = OptimizerSettings("lbfgs", lr=1.0, history=4)
+    start = torch.rand(3, 2, 2, dtype=torch.float64, generator=torch.Generator().manual_seed(5))
+
+    def stages(interrupt: bool) -> list[Stage]:
+        def second() -> Recorder:
+            if interrupt:
+                raise KeyboardInterrupt
+            return Recorder(lambda x: f(x * 0.5))
+        return [Stage((2, 2), 4, lambda: Recorder(f), "one"), Stage((2, 2), 5, second, "two")]
+
+    full = run_stages(start, stages(False), settings)
+    stopped = run_stages(start, stages(True), settings)
+    first_only = run_stages(start, stages(False)[:1], settings)
+    assert stopped.interrupted and stopped.iterations == 4 and stopped.state["stage"] == 0
+    assert torch.equal(stopped.image, first_only.image)
+    resumed = run_stages(start, stages(False), settings, resume=_roundtrip(stopped.state))
+    assert not resumed.interrupted and resumed.iterations == full.iterations == 9
+    assert torch.equal(resumed.image, full.image) and resumed.loss == full.loss
 
 
 def _roundtrip(state: dict) -> dict:

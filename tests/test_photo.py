@@ -614,3 +614,25 @@ def test_the_api_refuses_masks_with_auto_masks_and_one_mask_alone():
         photo_transfer(photo, photo, PhotoOptions(auto_masks=2, weights="/nonexistent"), mask, mask)
     with pytest.raises(ImpastoError, match=r"^give both --content-mask and --style-mask, or neither$"):
         photo_transfer(photo, photo, PhotoOptions(weights="/nonexistent"), mask, None)
+
+
+def test_ctrl_c_during_the_finishing_keeps_the_optimized_result(make_scene, make_texture, monkeypatch):
+    """Smoothing and the full-resolution upsample run after the optimization: an interrupt there lost the
+    finished run. Now it returns the working-size result as interrupted, with a state that needs no more
+    iterations, so a resume only finishes it."""
+    import impasto.photo.transfer as transfer
+
+    content, style = make_scene(48, 64, seed=1), make_texture((0.8, 0.3, 0.2), 32, 32, seed=2)
+    opts = photo_opts(iterations=3, full_resolution=True)
+    whole = photo_transfer(content, style, opts)
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    with monkeypatch.context() as m:
+        m.setattr(transfer, "finish", interrupted)
+        stopped = photo_transfer(content, style, opts)
+    assert stopped.interrupted and stopped.iterations == 3 and stopped.image.shape == (3, 24, 32)
+    assert whole.image.shape == (3, 48, 64)
+    resumed = photo_transfer(content, style, opts, resume=stopped.state)
+    assert not resumed.interrupted and torch.equal(resumed.image, whole.image)

@@ -17,7 +17,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, NoReturn
 
-from . import __version__, images
+from . import __version__, images, interrupts
 from .allocator import keep_freed_memory
 from .errors import EXIT_INTERRUPTED, EXIT_USAGE, ImpastoError, warn
 
@@ -266,15 +266,16 @@ def _run(args: argparse.Namespace, command: str, opts: Any, inputs: list[str], e
     meta.update(outcome)
     state_meta.update(outcome)
     target = state_dir or (f"{args.output}.state" if result.interrupted else None)
-    if target:  # the state first: if the image cannot be written after all, the run can still be resumed
-        try:
-            save_state(target, result.state, state_meta)
-        except ImpastoError as e:  # a full disk (a state can be 600 MB) must not cost the image as well
-            warn(f"the resumable state was not saved: {e}")
-            target = None
-    images.save_image(result.image, args.output, meta)
-    if args.side_by_side:
-        images.save_image(images.side_by_side([*shown, result.image]), args.side_by_side)
+    with interrupts.held():  # a second Ctrl-C must not cost what the first one asked to save
+        if target:  # the state first: if the image cannot be written after all, the run can still be resumed
+            try:
+                save_state(target, result.state, state_meta)
+            except ImpastoError as e:  # a full disk (a state can be 600 MB) must not cost the image as well
+                warn(f"the resumable state was not saved: {e}")
+                target = None
+        images.save_image(result.image, args.output, meta)
+        if args.side_by_side:
+            images.save_image(images.side_by_side([*shown, result.image]), args.side_by_side)
     if result.interrupted:
         resume_hint = f"; continue with --resume {target}" if target else ""
         print(f"{PROG}: interrupted after {result.iterations} iterations; best image saved to {args.output}"
@@ -453,11 +454,12 @@ def _show_warning(message: Any, category: Any, filename: str, lineno: int, file:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    keep_freed_memory()  # no page faults on every iteration's buffers (allocator.py)
     previous, warnings.showwarning = warnings.showwarning, _show_warning
     try:
-        return int(args.run(args))
+        with interrupts.terminate_as_interrupt():  # `kill` keeps the best image and the state, as Ctrl-C does
+            args = build_parser().parse_args(argv)  # imports torch: a second or two, Ctrl-C included
+            keep_freed_memory()  # no page faults on every iteration's buffers (allocator.py)
+            return int(args.run(args))
     except ImpastoError as e:
         print(f"{PROG}: error: {e}", file=sys.stderr)
         return EXIT_USAGE

@@ -8,11 +8,11 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch
 
-from . import cuda_graphs
+from . import cuda_graphs, interrupts
 from .errors import ImpastoError
 from .images import resize
 from .optimizers import LBFGS, Adam
@@ -115,16 +115,17 @@ def optimize(
     interrupted = False
     try:
         while done < iterations:
-            opt.step(evaluate)
-            if not math.isfinite(last.get("total", math.inf)):
-                raise ImpastoError("the loss became NaN or infinite; lower the learning rate or weights")
-            if clamp and settings.name == "adam":
-                with torch.no_grad():
-                    x.clamp_(0, 1)
-            done += 1
-            if callback is not None:
-                terms = {k: v for k, v in last.items() if k != "total"}
-                callback(Step(done, iterations, last["total"], terms, best_loss, x.detach()), state)
+            with interrupts.held():  # a step, its count and its saved state go together or not at all
+                opt.step(evaluate)
+                if not math.isfinite(last.get("total", math.inf)):
+                    raise ImpastoError("the loss became NaN or infinite; lower the learning rate or weights")
+                if clamp and settings.name == "adam":
+                    with torch.no_grad():
+                        x.clamp_(0, 1)
+                done += 1
+                if callback is not None:
+                    terms = {k: v for k, v in last.items() if k != "total"}
+                    callback(Step(done, iterations, last["total"], terms, best_loss, x.detach()), state)
         if run is not None and run is not eager:  # the recorded graph: no second set of activations
             last["total"] = float(run()[0].detach())
         else:
@@ -189,30 +190,34 @@ def run_stages(
     first = 0 if resume is None else int(resume["stage"])
     x = start if resume is None else resume["loop"]["image"][0].cpu()
     done_before = sum(s.iterations for s in stages[:first])
-    result: Result | None = None
-    index = first
+    outcome: Outcome | None = None
     for index in range(first, len(stages)):
         stage = stages[index]
-        if index > first and stage.start is not None:  # coming from the previous stage, not from a resume
-            x = stage.start(x, stage.size)
-        if tuple(x.shape[-2:]) != tuple(stage.size):
-            x = resize(x, stage.size)
-        report = _reporter(callbacks, index, stages, done_before)
         loop_resume = resume["loop"] if resume is not None and index == first else None
         if loop_resume is not None and int(loop_resume["iteration"]) > stage.iterations:
             where = f" at {stage.name}" if stage.name else ""
             raise ImpastoError(f"the saved run has done {int(loop_resume['iteration'])} iterations{where}, more than "
                                f"the {stage.iterations} asked for; ask for at least that many")
-        result = optimize(x[None].to(device), stage.objective(), stage.iterations, settings, report, loop_resume,
-                          clamp)
+        try:
+            if index > first and stage.start is not None:  # coming from the previous stage, not from a resume
+                x = stage.start(x, stage.size)
+            if tuple(x.shape[-2:]) != tuple(stage.size):
+                x = resize(x, stage.size)
+            objective = stage.objective()  # the targets (and photo's matting Laplacian): seconds at large sizes
+        except KeyboardInterrupt:
+            if outcome is None:
+                raise
+            return replace(outcome, interrupted=True)  # the finished stages' result, resumable where it ended
+        report = _reporter(callbacks, index, stages, done_before)
+        result = optimize(x[None].to(device), objective, stage.iterations, settings, report, loop_resume, clamp)
         x = result.image[0].detach().cpu()
+        done_before += result.iterations if result.interrupted else stage.iterations
+        outcome = Outcome(x, result.loss, done_before, result.interrupted, {"stage": index, "loop": result.state})
         if result.interrupted:
-            done_before += result.iterations
             break
-        done_before += stage.iterations
-    if result is None:
+    if outcome is None:
         raise ImpastoError("nothing to optimize: no stages")
-    return Outcome(x, result.loss, done_before, result.interrupted, {"stage": index, "loop": result.state})
+    return outcome
 
 
 def _reporter(callbacks: Sequence[Callable[[Progress], None]], index: int, stages: Sequence[Stage], offset: int):

@@ -19,7 +19,7 @@ import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
 from torch import nn
 
-from .. import images
+from .. import images, interrupts
 from ..errors import ImpastoError, warn
 from ..files import atomic_write
 from ..losses import PerceptualLoss, StyleTarget, gram_matrix
@@ -407,22 +407,23 @@ def _train(opts: TrainOptions, output: Path, resume: str | os.PathLike[str] | No
     trained = 0
     try:
         for batch, skipped in loader:
-            result.skipped.update(skipped)
-            terms = None
-            if _all_ranks_have(batch is not None, ranks, device):  # a rank that skipped alone would hang DDP
-                assert batch is not None
-                batch = batch.to(device, non_blocking=True)
-                model.train()
-                terms = train_step(model, vgg, loss, batch, optimizer)
-            step = result.step = step + 1  # committed: the weights are now those after this step
-            if terms is not None:
-                result.last, trained = terms, trained + 1
-                if writer is not None:
-                    writer.log(step, terms, batch, net)
-            for callback in callbacks:
-                callback(step, sampler.total, {**result.last, "skipped": float(len(result.skipped))})
-            if ranks.main and step % opts.checkpoint_every == 0 and step < sampler.total:
-                save_checkpoint(ckpt_dir, net, optimizer, step, opts, meta)
+            with interrupts.held():  # a step and its count (and a checkpoint) go together or not at all
+                result.skipped.update(skipped)
+                terms = None
+                if _all_ranks_have(batch is not None, ranks, device):  # a rank that skipped alone would hang DDP
+                    assert batch is not None
+                    batch = batch.to(device, non_blocking=True)
+                    model.train()
+                    terms = train_step(model, vgg, loss, batch, optimizer)
+                step = result.step = step + 1  # committed: the weights are now those after this step
+                if terms is not None:
+                    result.last, trained = terms, trained + 1
+                    if writer is not None:
+                        writer.log(step, terms, batch, net)
+                for callback in callbacks:
+                    callback(step, sampler.total, {**result.last, "skipped": float(len(result.skipped))})
+                if ranks.main and step % opts.checkpoint_every == 0 and step < sampler.total:
+                    save_checkpoint(ckpt_dir, net, optimizer, step, opts, meta)
     except KeyboardInterrupt:
         result.interrupted = True
     finally:
@@ -432,9 +433,10 @@ def _train(opts: TrainOptions, output: Path, resume: str | os.PathLike[str] | No
         raise ImpastoError(f"none of the images read in {opts.data} could be used, e.g. {min(result.skipped)}; "
                            "nothing was trained")
     if ranks.main:
-        save_checkpoint(ckpt_dir, net, optimizer, step, opts, meta)
-        if not result.interrupted:
-            save_model(output, net.eval(), {**meta, "steps": step})
+        with interrupts.held():  # a second Ctrl-C must not cost the checkpoint the first one asked for
+            save_checkpoint(ckpt_dir, net, optimizer, step, opts, meta)
+            if not result.interrupted:
+                save_model(output, net.eval(), {**meta, "steps": step})
     if result.skipped:
         warn(f"skipped {len(result.skipped)} unreadable image(s), e.g. {min(result.skipped)}")
     return result

@@ -118,7 +118,10 @@ def photo_transfer(
     outcome = run_stages(start, stages, optimizer_settings(opts), callbacks, resume, device)
     out = outcome.image.clamp(0, 1)
     if not outcome.interrupted:
-        out = finish(content, out, opts)
+        try:
+            out = finish(content, out, opts)
+        except KeyboardInterrupt:  # the optimization is done: keep its working-size result, resumable
+            return Outcome(out, outcome.loss, outcome.iterations, True, outcome.state)
     return Outcome(out, outcome.loss, outcome.iterations, outcome.interrupted, outcome.state)
 
 
