@@ -643,6 +643,54 @@ def test_resume_asking_fewer_iterations_than_done_is_refused(pics, capsys):
     assert not fewer.exists()
 
 
+@pytest.mark.parametrize(("output", "message"), [
+    ("result.psd", "cannot write PSD images"),  # PIL reads it but cannot write it: it failed after the run
+    ("b" * 240 + ".png", "File name too long"),  # fine itself, too long for its temporary file's name
+])
+def test_outputs_that_cannot_be_written_are_refused_before_the_run(pics, capsys, monkeypatch, output, message):
+    monkeypatch.setattr("impasto.artistic.stylize_tensors", lambda *a, **k: pytest.fail("the run started"))
+    assert stylize(pics, output=pics.out_dir / output) == 2
+    assert message in the_error(capsys.readouterr().err)
+    assert list(pics.out_dir.iterdir()) == []
+
+
+def test_a_state_folder_that_is_the_output_is_refused(pics, capsys):
+    assert stylize(pics, "--state", pics.out) == 2
+    assert the_error(capsys.readouterr().err).endswith(f"the state folder {pics.out} is also the output {pics.out}; "
+                                                       "give another")
+    assert list(pics.out_dir.iterdir()) == []
+
+
+def test_checkpoint_images_may_not_overwrite_an_input(pics, capsys):
+    start = pics.dir / "start_00003.png"  # what --checkpoint-output start.png names checkpoint 3
+    start.write_bytes(pics.content.read_bytes())
+    before = start.read_bytes()
+    args = ["--init", start, "--checkpoint-iterations", "3"]
+    assert stylize(pics, *args, "--checkpoint-output", pics.dir / "start.png") == 2
+    assert the_error(capsys.readouterr().err).endswith(f"{start} is also an input; refusing to overwrite it")
+    assert stylize(pics, *args, "--checkpoint-output", str(pics.content).replace(".png", "%.0s.png")) == 2
+    assert "is also an input" in the_error(capsys.readouterr().err)  # a pattern that drops the number
+    assert start.read_bytes() == before and not pics.out.exists()
+
+
+def test_a_state_is_resumed_only_by_its_own_command_and_inputs(pics, capsys):
+    state = pics.dir / "state"
+    assert stylize(pics, "--iterations", "3", "--state", state) == 0
+    capsys.readouterr()
+    assert run("photo", pics.content, pics.style, "-o", pics.dir / "p.png", *FAST, "--resume", state) == 2
+    assert the_error(capsys.readouterr().err).endswith(f"the run saved in {state} is an `impasto stylize` run; "
+                                                       "resume it with that command")
+    write_png(pics.content, 48, 48, CONTENT_RGB, seed=9)  # the same path, another picture of another shape
+    assert stylize(pics, "--iterations", "5", "--resume", state, output=pics.dir / "r.png") == 2
+    assert the_error(capsys.readouterr().err).endswith("the saved run's image is 48x36 but this run's is 48x48: "
+                                                       "an input has changed; start afresh")
+    payload = torch.load(state / "state.pt", weights_only=True)
+    del payload["state"]["loop"]["iteration"]
+    torch.save(payload, state / "state.pt")
+    assert stylize(pics, "--iterations", "5", "--resume", state, output=pics.dir / "r.png") == 2
+    assert "cannot read saved state" in the_error(capsys.readouterr().err)
+
+
 @pytest.mark.parametrize("extra", [["--checkpoint-iterations", "2"], ["--checkpoint-output", "ck_%s.png"]])
 def test_half_a_checkpoint_request_warns_that_nothing_will_be_written(pics, capsys, extra, monkeypatch):
     monkeypatch.chdir(pics.dir)

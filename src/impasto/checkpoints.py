@@ -32,7 +32,11 @@ def load_state(directory: str | os.PathLike[str]) -> tuple[dict[str, Any], dict[
         raise ImpastoError(f"no saved state to resume in {directory} (expected {path})")
     try:
         payload = torch.load(path, map_location="cpu", weights_only=True)
-        return payload["state"], payload["meta"]
+        state, meta = payload["state"], payload["meta"]
+        if not (isinstance(meta, dict) and {"stage", "loop"} <= set(state)
+                and {"image", "optimizer", "iteration", "best_image", "best_loss"} <= set(state["loop"])):
+            raise KeyError("incomplete")
+        return state, meta
     except Exception as e:
         raise ImpastoError(f"cannot read saved state {path} ({type(e).__name__}); is it from impasto?") from None
 

@@ -11,6 +11,7 @@ import dataclasses
 import json
 import math
 import os
+import re
 import sys
 import warnings
 from collections.abc import Sequence
@@ -254,6 +255,9 @@ def _run(args: argparse.Namespace, command: str, opts: Any, inputs: list[str], e
     resume = None
     if args.resume:
         resume, saved = load_state(args.resume)
+        if saved.get("command", command) != command:
+            raise ImpastoError(f"the run saved in {args.resume} is an `impasto {saved['command']}` run; resume it "
+                               "with that command")
         _check_resume(saved, given, opts.to_dict(), args.resume)
     bar = ProgressBar(args.quiet, args.print_iterations)
     checkpoints = Checkpointer(args.checkpoint_output, args.checkpoint_iterations, state_dir, args.state_every,
@@ -308,9 +312,26 @@ def _check_paths(args: argparse.Namespace, inputs: list[str], state_dir: str | N
         warn("checkpoint images need both --checkpoint-output and --checkpoint-iterations; none will be written")
     elif args.checkpoint_output:
         first_checkpoint = checkpoint_path(args.checkpoint_output, 1)
+        _refuse_checkpoints_overwriting_inputs(args.checkpoint_output, args.checkpoint_iterations, inputs)
+    if state_dir:
+        for written in filter(None, [args.output, args.side_by_side]):
+            if Path(written).resolve() == Path(state_dir).resolve():
+                raise ImpastoError(f"the state folder {state_dir} is also the output {written}; give another")
     state_file = state_dir and str(Path(state_dir) / STATE_FILE)
     for path in filter(None, [args.output, args.side_by_side, state_file, first_checkpoint]):
         check_writable(path)  # now: a run whose result cannot be written at its end is lost
+
+
+def _refuse_checkpoints_overwriting_inputs(pattern: str, every: int, inputs: list[str]) -> None:
+    """No checkpoint image may be an input: tried for the numbers an input's name holds (start_00300.png
+    is checkpoint 300 of start.png) and for the first two checkpoints (a pattern that ignores the number)."""
+    from .checkpoints import checkpoint_path
+    from .files import refuse_overwriting_inputs
+
+    for path in inputs:
+        numbers = {int(n) for n in re.findall(r"\d+", Path(path).name)} | {every, 2 * every}
+        for n in sorted(n for n in numbers if n > 0 and n % every == 0):
+            refuse_overwriting_inputs(checkpoint_path(pattern, n), [path])
 
 
 PATH_KEYS = ("content", "styles", "content_mask", "style_mask")

@@ -54,7 +54,8 @@ def _check_can_write_in(folder: Path, target: Path) -> None:
     if not folder.is_dir():
         raise ImpastoError(f"cannot write {target}: {folder} is not a directory")
     try:
-        fd, probe = tempfile.mkstemp(prefix=".impasto.", suffix=".probe", dir=folder)
+        # named as atomic_path names its temporary file: a name too long for it fails here, not after the run
+        fd, probe = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".part", dir=folder)
     except OSError as e:
         raise ImpastoError(f"cannot write {target}: {e.strerror or e}") from None
     os.close(fd)

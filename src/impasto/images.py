@@ -191,6 +191,8 @@ def check_output_format(path: str | os.PathLike[str]) -> str:
     formats = Image.registered_extensions()
     if ext not in formats:
         raise ImpastoError(f"unknown image format for output {path} (use .png or .jpg)")
+    if formats[ext] not in Image.SAVE:  # PIL reads .psd, .xpm, .fits ... but cannot write them
+        raise ImpastoError(f"cannot write {formats[ext]} images ({path}); use .png or .jpg")
     return formats[ext]
 
 

@@ -81,6 +81,9 @@ def optimize(
     done, best_loss = 0, math.inf
     best = x.detach().clone()
     if resume is not None:
+        if tuple(resume["image"].shape) != tuple(x.shape):
+            raise ImpastoError(f"the saved run's image is {resume['image'].shape[-1]}x{resume['image'].shape[-2]} but "
+                               f"this run's is {x.shape[-1]}x{x.shape[-2]}: an input has changed; start afresh")
         with torch.no_grad():
             x.copy_(resume["image"])
         opt.load_state_dict(resume["optimizer"])
