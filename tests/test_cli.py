@@ -332,6 +332,13 @@ def test_output_metadata_info_and_reproduce(pics, capsys):
     assert np.array_equal(pixels(again), pixels(pics.out))
 
 
+def test_reproduce_guards_a_leading_dash_and_odd_options():
+    from impasto.cli import reproduce_command
+
+    meta = {"command": "stylize", "content": "-c.png", "styles": ["s.png", "-t.png"], "options": "str"}
+    assert reproduce_command(meta) == "impasto stylize ./-c.png s.png ./-t.png -o OUT.png"  # was an AttributeError
+
+
 def test_info_on_a_png_without_metadata(pics, capsys):
     assert run("info", pics.content) == 2
     line = the_error(capsys.readouterr().err)

@@ -444,3 +444,16 @@ def test_folders_skip_dot_files_and_the_output_folder(tmp_path):
     (shots / "styled" / "old.png").write_bytes(b"")  # an earlier run's output inside the input folder
     jobs = plan_jobs([shots], shots / "styled")
     assert [j.source.name for j in jobs] == ["a.png"]
+
+
+def test_plan_a_folder_into_one_of_its_ancestors(tmp_path):
+    """-o above the input folder: its files are inputs, not earlier results (they were all left out, and the
+    error said the folder had no images); where that puts an output on its input, that is the error."""
+    holiday = tmp_path / "photos" / "holiday"
+    touch(holiday / "a.png")
+    jobs = plan_jobs([holiday], tmp_path)
+    assert [(j.source, j.output) for j in jobs] == [(holiday / "a.png", tmp_path / "holiday" / "a.png")]
+    with pytest.raises(ImpastoError, match=r"output .*holiday/a.png is also an input; choose another -o directory"):
+        plan_jobs([holiday], tmp_path / "photos")
+    touch(holiday / "out" / "a.png")  # an earlier run's results inside the input folder stay out
+    assert [j.source for j in plan_jobs([holiday], holiday / "out")] == [holiday / "a.png"]

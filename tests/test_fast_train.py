@@ -91,6 +91,8 @@ def test_resume_refuses_changed_settings(tmp_path, photos, style_path):
         train(options(photos, style_path, steps=4, width=0.5), tmp_path / "m.pt", resume=tmp_path / "m.pt.ckpt")
     with pytest.raises(ImpastoError, match="no checkpoint to resume in"):
         train(options(photos, style_path, steps=4), tmp_path / "m.pt", resume=tmp_path)
+    other_path = f"{style_path.parent}/./{style_path.name}"  # the same file by another path resumes
+    assert train(options(photos, other_path, steps=3), tmp_path / "m.pt", resume=tmp_path / "m.pt.ckpt").step == 3
 
 
 def test_unreadable_files_are_skipped_and_counted(tmp_path, photos, style_path):

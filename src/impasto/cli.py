@@ -439,11 +439,15 @@ def reproduce_command(meta: dict[str, Any]) -> str:
     command = meta.get("command", "stylize")
     kind = PhotoOptions if command == "photo" else StylizeOptions
     defaults = kind().to_dict()
-    words = ["impasto", command, meta["content"], *meta["styles"], "-o", "OUT.png"]
+    def path(p: str) -> str:  # a file named -c.png is not an option
+        return f"./{p}" if p.startswith("-") else p
+
+    words = ["impasto", command, path(meta["content"]), *map(path, meta["styles"]), "-o", "OUT.png"]
     for key in ("content_mask", "style_mask"):
         if meta.get(key):
-            words += ["--" + key.replace("_", "-"), meta[key]]
-    for key, value in meta.get("options", {}).items():
+            words += ["--" + key.replace("_", "-"), path(meta[key])]
+    options = meta.get("options")
+    for key, value in (options.items() if isinstance(options, dict) else []):
         if value == defaults.get(key) or value is None:
             continue
         flag = kind.flag(key)

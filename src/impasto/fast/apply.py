@@ -157,7 +157,8 @@ def plan_jobs(inputs: Sequence[str | os.PathLike[str]], outdir: str | os.PathLik
     for given in inputs:
         src = Path(given)
         if src.is_dir():
-            found = images.files_below(src, images.IMAGE_SUFFIXES | VIDEO_SUFFIXES, skip=out)
+            inside = out.resolve().is_relative_to(src.resolve())  # earlier results in the folder are not inputs
+            found = images.files_below(src, images.IMAGE_SUFFIXES | VIDEO_SUFFIXES, skip=out if inside else None)
             if not found:
                 if same_file(out, src):
                     raise ImpastoError(f"-o {out} is the input folder {src}; give another folder for the results")

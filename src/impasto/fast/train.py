@@ -21,7 +21,7 @@ from torch import nn
 
 from .. import images, interrupts
 from ..errors import ImpastoError, warn
-from ..files import atomic_write
+from ..files import atomic_write, same_file
 from ..losses import PerceptualLoss, StyleTarget, gram_matrix
 from ..nets import VGGFeatures, load_vgg
 from ..perceptual import available_bytes, check_min_size, perceptual_loss, resolve_device
@@ -469,6 +469,9 @@ def latest_checkpoint(path: str | os.PathLike[str]) -> Path:
     return p
 
 
+PATH_OPTIONS = frozenset({"style", "data", "weights"})  # the same file or folder by another path resumes
+
+
 def _resume(path: str | os.PathLike[str], opts: TrainOptions, net: TransformerNet,
             optimizer: torch.optim.Optimizer, device: torch.device) -> int:
     """Load a checkpoint's weights and optimizer state into `net` and `optimizer`; its step."""
@@ -486,8 +489,11 @@ def _resume(path: str | os.PathLike[str], opts: TrainOptions, net: TransformerNe
         raise ImpastoError(f"cannot read checkpoint {file} ({type(e).__name__}); is it from impasto train?") from None
     now = opts.to_dict()
     for key in sorted(set(saved) | set(now)):
-        if key not in RESUMABLE_CHANGES and saved.get(key) != now.get(key):
-            raise ImpastoError(f"cannot resume {file}: {key} was {saved.get(key)!r}, now {now.get(key)!r}")
+        a, b = saved.get(key), now.get(key)
+        if key in RESUMABLE_CHANGES or a == b or (key in PATH_OPTIONS and isinstance(a, str) and isinstance(b, str)
+                                                   and same_file(Path(a), Path(b))):
+            continue
+        raise ImpastoError(f"cannot resume {file}: {key} was {a!r}, now {b!r}")
     net.load_state_dict(state)
     optimizer.load_state_dict(optim_state)
     return step
