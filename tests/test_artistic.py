@@ -332,6 +332,7 @@ REFUSED = {  # test id: (options, number of style images, expected message)
     "noiseblend-nan": (dict(initial_noiseblend=float("nan")), 1, "--initial-noiseblend must be a finite number"),
     "tv-power-inf": (dict(tv_power=float("inf")), 1, "--tv-power must be a finite number, got inf"),
     "style-scales-nan": (dict(style_scales=[1.0, float("nan")]), 2, "--style-scales must be a finite number"),
+    "blend-tuple-inf": (dict(style_blend_weights=(float("inf"),)), 1, "--style-blend-weights must be a finite number"),
 }
 
 

@@ -337,6 +337,8 @@ def test_reproduce_guards_a_leading_dash_and_odd_options():
 
     meta = {"command": "stylize", "content": "-c.png", "styles": ["s.png", "-t.png"], "options": "str"}
     assert reproduce_command(meta) == "impasto stylize ./-c.png s.png ./-t.png -o OUT.png"  # was an AttributeError
+    meta["options"] = {"init": "-x.png", "seed": -3}
+    assert reproduce_command(meta).endswith(" -o OUT.png --init=-x.png --seed=-3")
 
 
 def test_info_on_a_png_without_metadata(pics, capsys):

@@ -219,3 +219,15 @@ def test_training_reads_16_bit_photos_at_their_brightness(tmp_path):
     Image.fromarray(ramp).save(tmp_path / "deep.png")
     crop, _ = PhotoFolder([tmp_path / "deep.png"], 32, (1.0, 1.0), 0)[(0, 0)]
     assert crop is not None and abs(float(crop.mean()) - 0.5) < 0.1
+
+
+def test_non_finite_training_options_are_refused(tmp_path, photos, style_path):
+    with pytest.raises(ImpastoError, match=r"^style-weight must be a finite number, got nan$"):
+        options(photos, style_path, style_weight=float("nan")).check()
+
+
+def test_an_output_folder_with_a_long_name_can_be_written(tmp_path):
+    """The write probe of a folder has a short name of its own (a file's probe takes the file's name)."""
+    from impasto.files import check_writable_folder
+
+    check_writable_folder(tmp_path / ("f" * 250))

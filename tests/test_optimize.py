@@ -323,3 +323,32 @@ def test_a_stage_starts_from_its_start_function_of_the_previous_result():
     stages[1] = Stage((4, 4), 2, lambda: resumed, "b", start)
     run_stages(torch.zeros(3, 2, 2), stages, OptimizerSettings("adam", lr=0.1), resume=out.state)
     assert len(seen) == 1  # a resumed stage goes on from its saved image
+
+
+def test_held_interrupts_leave_a_callers_own_signal_handling_alone():
+    """A Python caller who ignores Ctrl-C gets no interrupt from the hold, and SIGTERM keeps its default
+    (the `impasto` command alone turns it into an interrupt)."""
+    from impasto import interrupts
+
+    f = quartic_bowl()
+    start = torch.rand(1, 3, 2, 2, dtype=torch.float64, generator=torch.Generator().manual_seed(4))
+    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        result = optimize(start, SignalAt(f, 3), 6, OptimizerSettings("adam", lr=0.05))
+        with interrupts.held():
+            assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    assert not result.interrupted and result.iterations == 6
+
+
+def test_nested_holds_raise_once_at_the_outer_end():
+    from impasto import interrupts
+
+    reached = []
+    with pytest.raises(KeyboardInterrupt), interrupts.held():
+        with interrupts.held():
+            os.kill(os.getpid(), signal.SIGINT)
+        reached.append("after the inner block")
+    assert reached == ["after the inner block"]
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler

@@ -336,3 +336,14 @@ def test_vgg_runs_a_3_to_2_image_through_winograd(monkeypatch):
         assert (net.layers.conv3_2._cached is not None) == (every_size == "1")
         grads.append(x.grad)
     assert (grads[0] - grads[1]).abs().max() <= 1e-4 * grads[1].abs().max()
+
+
+def test_a_transform_kept_from_a_bigger_pass_goes_when_the_run_is_too_small_for_it():
+    """A style image bigger than the output runs its target pass as Winograd; the optimization at the
+    output's size runs direct and must not keep those transforms alive (the memory they were left out for)."""
+    net = VGGFeatures("vgg19", ["relu3_1"])
+    with torch.no_grad():
+        net(torch.rand(1, 3, 80, 80))  # the style's pass: big enough
+        assert net.layers.conv3_1._cached is not None
+        net(torch.rand(1, 3, 72, 72))  # the output's: too small
+    assert net.layers.conv3_1._cached is None

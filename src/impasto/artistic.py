@@ -7,15 +7,14 @@ the image is optimized coarse to fine over `scales`, each result upsampled as th
 from __future__ import annotations
 
 import itertools
-import math
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field
 from typing import Any, ClassVar
 
 import torch
 
 from . import images
-from .errors import ImpastoError, warn
+from .errors import ImpastoError, refuse_non_finite, warn
 from .nets import VGG_LAYER_NAMES, VGGFeatures, load_vgg
 from .nets.winograd import FrozenConv3x3
 from .optimize import Objective, OptimizerSettings, Outcome, Progress, Stage, run_stages
@@ -94,11 +93,7 @@ class StylizeOptions:
             if value is not None and not value > 0:
                 raise ImpastoError(f"--{name.replace('_', '-')} must be positive, got {value}")
 
-        for f in fields(self):  # NaN passes every comparison below as False, and inf makes the loss infinite
-            value = getattr(self, f.name)
-            values = value if isinstance(value, list) else [value]
-            if any(isinstance(v, float) and not math.isfinite(v) for v in values):
-                raise ImpastoError(f"{self.flag(f.name)} must be a finite number, got {value}")
+        refuse_non_finite(self, self.flag)
 
         for name in ("size", "width", "iterations", "lbfgs_history"):
             positive(name, getattr(self, name))

@@ -293,7 +293,7 @@ def _run(args: argparse.Namespace, command: str, opts: Any, inputs: list[str], e
 def _check_paths(args: argparse.Namespace, inputs: list[str], state_dir: str | None) -> None:
     """Before any work: the inputs exist, no output overwrites one, and every output can be written."""
     from .checkpoints import STATE_FILE, check_pattern, checkpoint_path
-    from .files import check_writable, refuse_overwriting_inputs
+    from .files import check_writable, refuse_overwriting_inputs, same_file
 
     for path in inputs:
         if not Path(path).exists():
@@ -315,7 +315,7 @@ def _check_paths(args: argparse.Namespace, inputs: list[str], state_dir: str | N
         _refuse_checkpoints_overwriting_inputs(args.checkpoint_output, args.checkpoint_iterations, inputs)
     if state_dir:
         for written in filter(None, [args.output, args.side_by_side]):
-            if Path(written).resolve() == Path(state_dir).resolve():
+            if same_file(Path(written), Path(state_dir)):
                 raise ImpastoError(f"the state folder {state_dir} is also the output {written}; give another")
     state_file = state_dir and str(Path(state_dir) / STATE_FILE)
     for path in filter(None, [args.output, args.side_by_side, state_file, first_checkpoint]):
@@ -454,7 +454,8 @@ def reproduce_command(meta: dict[str, Any]) -> str:
         if isinstance(value, bool):
             words += [flag] if value else [f"--no-{key.replace('_', '-')}"]
         else:
-            words += [flag, ",".join(map(str, value)) if isinstance(value, list) else str(value)]
+            text = ",".join(map(str, value)) if isinstance(value, list) else str(value)
+            words += [f"{flag}={text}"] if text.startswith("-") else [flag, text]  # a value, not an option
     return " ".join(shlex.quote(w) for w in words)
 
 
@@ -499,7 +500,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (MemoryError, RuntimeError) as e:
         if not _out_of_memory(e):
             raise
-        print(f"{PROG}: error: out of memory; use a smaller --size", file=sys.stderr)
+        command = (argv or sys.argv[1:] or [""])[0]
+        hint = {"stylize": "a smaller --size", "photo": "a smaller --size", "train": "a smaller --batch-size or "
+                "--image-size", "apply": "smaller images, or fewer at once"}.get(command, "smaller inputs")
+        print(f"{PROG}: error: out of memory; use {hint}", file=sys.stderr)
         return 1
     finally:
         warnings.showwarning = previous

@@ -45,17 +45,17 @@ def check_writable(path: str | os.PathLike[str]) -> None:
 
 def check_writable_folder(path: str | os.PathLike[str]) -> None:
     """The same for a folder that outputs go into (it may exist already, or be made)."""
-    _check_can_write_in(Path(path), Path(path))
+    _check_can_write_in(Path(path), Path(path), probe_name="impasto")
 
 
-def _check_can_write_in(folder: Path, target: Path) -> None:
+def _check_can_write_in(folder: Path, target: Path, probe_name: str | None = None) -> None:
     while not folder.exists() and folder != folder.parent:  # the nearest folder that exists: the rest gets made
         folder = folder.parent
     if not folder.is_dir():
         raise ImpastoError(f"cannot write {target}: {folder} is not a directory")
     try:
         # named as atomic_path names its temporary file: a name too long for it fails here, not after the run
-        fd, probe = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".part", dir=folder)
+        fd, probe = tempfile.mkstemp(prefix=f".{probe_name or target.name}.", suffix=".part", dir=folder)
     except OSError as e:
         raise ImpastoError(f"cannot write {target}: {e.strerror or e}") from None
     os.close(fd)

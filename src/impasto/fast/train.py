@@ -7,6 +7,7 @@ functions of (seed, epoch, index), so a resumed run sees exactly the batches it 
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 from collections.abc import Callable, Iterator, Sequence
@@ -20,7 +21,7 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 from torch import nn
 
 from .. import images, interrupts
-from ..errors import ImpastoError, warn
+from ..errors import ImpastoError, refuse_non_finite, warn
 from ..files import atomic_write, same_file
 from ..losses import PerceptualLoss, StyleTarget, gram_matrix
 from ..nets import VGGFeatures, load_vgg
@@ -86,6 +87,7 @@ class TrainOptions:
         return cls(**{k: _coerce(k, v, kinds[k], source) for k, v in clean.items()})
 
     def check(self) -> None:
+        refuse_non_finite(self, lambda name: name.replace("_", "-"))
         for name in ("image_size", "batch_size", "epochs", "checkpoint_every", "log_every", "sample_every"):
             if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
                 raise ImpastoError(f"{name.replace('_', '-')} must be a positive integer, got {getattr(self, name)!r}")
@@ -407,7 +409,9 @@ def _train(opts: TrainOptions, output: Path, resume: str | os.PathLike[str] | No
     trained = 0
     try:
         for batch, skipped in loader:
-            with interrupts.held():  # a step and its count (and a checkpoint) go together or not at all
+            # a step and its count (and a checkpoint) go together or not at all; with several ranks a held
+            # Ctrl-C could leave one rank in an all-reduce that the others have left, so those stop at once
+            with interrupts.held() if ranks.world == 1 else contextlib.nullcontext():
                 result.skipped.update(skipped)
                 terms = None
                 if _all_ranks_have(batch is not None, ranks, device):  # a rank that skipped alone would hang DDP
