@@ -71,3 +71,24 @@ def test_uint8_tensors_are_read_as_0_to_255():
 def test_an_unknown_option_is_refused_by_name_before_any_work(make_scene, make_texture):
     with pytest.raises(ImpastoError, match=r"^unknown option 'iteration'; did you mean 'iterations'\? \(options: "):
         impasto.stylize(make_scene(8, 8), make_texture((0.5, 0.5, 0.5), 8, 8), iteration=3, weights="/nonexistent")
+
+
+def test_ctrl_c_returns_the_best_image_so_far_and_says_so(make_scene, make_texture, monkeypatch):
+    import os
+    import signal
+
+    from impasto.progress import ProgressBar
+
+    original = ProgressBar.__call__
+
+    def interrupted_at_2(self, progress):
+        original(self, progress)
+        if progress.step.iteration == 2:
+            os.kill(os.getpid(), signal.SIGINT)
+
+    monkeypatch.setattr(ProgressBar, "__call__", interrupted_at_2)
+    content, style = make_scene(40, 48), make_texture((0.9, 0.1, 0.1), 24, 24)
+    with pytest.warns(ImpastoWarning) as record:
+        image = impasto.stylize(content, style, **FAST)
+    assert "interrupted after 2 iterations; returning the best image so far" in [str(w.message) for w in record]
+    assert isinstance(image, Image.Image) and image.size == (32, 27)

@@ -80,4 +80,6 @@ def stylize(
         result = stylize_tensors(as_tensor(content), [as_tensor(s) for s in styles], opts, [bar])
     finally:
         bar.close()
+    if result.interrupted:  # Ctrl-C (a notebook's "interrupt"): the best so far, said so, not passed off as done
+        warn(f"interrupted after {result.iterations} iterations; returning the best image so far")
     return images.tensor_to_pil(result.image)
