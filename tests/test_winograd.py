@@ -340,10 +340,14 @@ def test_vgg_runs_a_3_to_2_image_through_winograd(monkeypatch):
 
 def test_a_transform_kept_from_a_bigger_pass_goes_when_the_run_is_too_small_for_it():
     """A style image bigger than the output runs its target pass as Winograd; the optimization at the
-    output's size runs direct and must not keep those transforms alive (the memory they were left out for)."""
+    output's size runs direct and must not keep those transforms alive (the memory they were left out for).
+    A smaller style's target pass, direct, keeps the output's (they were made again at each stage)."""
     net = VGGFeatures("vgg19", ["relu3_1"])
+    conv = net.layers.conv3_1
     with torch.no_grad():
-        net(torch.rand(1, 3, 80, 80))  # the style's pass: big enough
-        assert net.layers.conv3_1._cached is not None
-        net(torch.rand(1, 3, 72, 72))  # the output's: too small
-    assert net.layers.conv3_1._cached is None
+        net(torch.rand(1, 3, 80, 80))  # a target pass big enough: made
+        kept = conv._cached
+        net(torch.rand(1, 3, 72, 72))  # a smaller target pass: direct, and kept
+    assert kept is not None and conv._cached is kept
+    net(torch.rand(1, 3, 72, 72, requires_grad=True))["relu3_1"].sum().backward()  # the optimization: dropped
+    assert conv._cached is None

@@ -276,7 +276,9 @@ class FrozenConv3x3(nn.Conv2d):
     def forward(self, x: torch.Tensor, winograd: bool = True) -> torch.Tensor:
         if winograd and self._use_winograd(x):
             return winograd_conv3x3(x, self._winograd_weights() if self.keep_transform else self._transform)
-        if not winograd:  # a run too small for the transforms: one kept from a bigger pass (a style's) goes
+        if not winograd and x.requires_grad and torch.is_grad_enabled():
+            # an optimization too small for the transforms: ones kept from a bigger target pass (a style
+            # image's) go; target passes themselves keep them (a smaller style must not drop the output's)
             self._cached = None
         if self._frozen_on_cpu(x) and x.requires_grad and torch.is_grad_enabled():
             return _FrozenConv3x3.apply(x, self.weight, self.bias)
