@@ -53,9 +53,11 @@ def checkpoint_path(pattern: str, iteration: int) -> str:
 
 def check_pattern(pattern: str) -> None:
     try:
-        checkpoint_path(pattern, 1)
+        first, second = checkpoint_path(pattern, 1), checkpoint_path(pattern, 2)
     except (KeyError, IndexError, ValueError, TypeError):
-        raise ImpastoError(f"bad checkpoint pattern {pattern!r}; use %s or {{iteration}} for the number") from None
+        first = second = ""
+    if first == second or any(ord(c) < 32 for c in first):  # '%.0s' drops the number, '%c' makes control codes
+        raise ImpastoError(f"bad checkpoint pattern {pattern!r}; use %s or {{iteration}} for the number")
 
 
 class Checkpointer:

@@ -12,7 +12,9 @@ import json
 import math
 import os
 import re
+import signal
 import sys
+import threading
 import warnings
 from collections.abc import Sequence
 from pathlib import Path
@@ -516,5 +518,14 @@ def _out_of_memory(e: BaseException) -> bool:
             or "can't allocate memory" in str(e))
 
 
+def entry() -> NoReturn:
+    """The `impasto` command: `main`, then exit with Ctrl-C ignored, so that one pressed again while Python
+    shuts down (after a run has saved its result and said so) prints no traceback."""
+    code = main()
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+    sys.exit(code)
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    entry()
