@@ -3,6 +3,7 @@ compiler."""
 
 from __future__ import annotations
 
+import copy
 import io
 import subprocess
 import sys
@@ -158,3 +159,19 @@ def test_a_run_imports_no_compiler():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == "[]"
+
+
+@pytest.mark.parametrize("kind", ["adam", "lbfgs"])
+def test_an_incomplete_state_is_refused_when_loaded_not_at_the_next_step(kind):
+    """A state missing one of its keys failed with a KeyError (a traceback) inside the next step."""
+    x = start(torch.float32).detach().requires_grad_(True)
+    a = make(kind, x, True)
+    run(a, x, lambda t: (t * t).sum(), 3)
+    for key in sorted(type(a).STATE_KEYS):  # L-BFGS also keeps "al", a scratch list it remakes
+        saved = copy.deepcopy(a.state_dict())  # state_dict shares the optimizer's own dict
+        del saved["state"][0][key]
+        b = make(kind, start(torch.float32).detach().requires_grad_(True), True)
+        with pytest.raises(ImpastoError, match=r"does not fit this run \(it is incomplete\)$"):
+            b.load_state_dict(saved)
+    fresh = make(kind, start(torch.float32).detach().requires_grad_(True), True)
+    fresh.load_state_dict({"state": {}, "param_groups": a.state_dict()["param_groups"]})  # before any step: fine

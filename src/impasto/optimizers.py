@@ -23,6 +23,9 @@ Closure = Callable[[], torch.Tensor]
 class _ImageOptimizer:
     """What the loop needs of an optimizer: `step(closure)` and a state that can be saved and loaded."""
 
+    STATE_KEYS: frozenset[str] = frozenset()  # what a state holds once the optimizer has stepped
+    FRESH_KEYS: frozenset[str] = frozenset()  # what it may hold before
+
     def __init__(self, x: torch.Tensor, group: dict[str, Any]) -> None:
         self.x, self.group = x, group
         self.state: dict[str, Any] = {}
@@ -37,6 +40,8 @@ class _ImageOptimizer:
             self.group.update({k: group[k] for k in self.group if k in group})
         except (KeyError, IndexError, TypeError, AttributeError):
             raise ImpastoError("the saved optimizer state does not fit this run") from None
+        if set(state) - self.FRESH_KEYS and not set(state) >= self.STATE_KEYS:  # a step would fail on it
+            raise ImpastoError("the saved optimizer state does not fit this run (it is incomplete)")
         state = {k: self._to_image(v, k) for k, v in state.items()}
         if any(t.numel() != self.x.numel() for t in _image_sized(state)):
             raise ImpastoError("the saved optimizer state does not fit this run (an image of another size)")
@@ -56,6 +61,7 @@ class _ImageOptimizer:
 
 
 class Adam(_ImageOptimizer):
+    STATE_KEYS = frozenset({"step", "exp_avg", "exp_avg_sq"})
     """Adam (Kingma & Ba 2015), as torch.optim.Adam without weight decay, AMSGrad or a tensor learning rate."""
 
     def __init__(self, x: torch.Tensor, lr: float, betas: tuple[float, float], eps: float) -> None:
@@ -86,6 +92,8 @@ class Adam(_ImageOptimizer):
 
 
 class LBFGS(_ImageOptimizer):
+    STATE_KEYS = frozenset({"n_iter", "d", "t", "old_dirs", "old_stps", "ro", "H_diag", "prev_flat_grad"})
+    FRESH_KEYS = frozenset({"n_iter"})  # all a state has before its first step (at a stationary point)
     """L-BFGS (Nocedal 1980) one iteration per `step`, with a fixed step (`lr`) and no line search, as
     torch.optim.LBFGS(max_iter=1, tolerance_grad=0, tolerance_change=0): the first step is scaled down to
     at most `lr` over the gradient's L1 norm, and a pair (s, y) enters the history only where y.s > 1e-10."""
