@@ -61,8 +61,9 @@ class _ImageOptimizer:
 
 
 class Adam(_ImageOptimizer):
-    STATE_KEYS = frozenset({"step", "exp_avg", "exp_avg_sq"})
     """Adam (Kingma & Ba 2015), as torch.optim.Adam without weight decay, AMSGrad or a tensor learning rate."""
+
+    STATE_KEYS = frozenset({"step", "exp_avg", "exp_avg_sq"})
 
     def __init__(self, x: torch.Tensor, lr: float, betas: tuple[float, float], eps: float) -> None:
         super().__init__(x, {"lr": lr, "betas": betas, "eps": eps, "weight_decay": 0, "amsgrad": False,
@@ -92,11 +93,12 @@ class Adam(_ImageOptimizer):
 
 
 class LBFGS(_ImageOptimizer):
-    STATE_KEYS = frozenset({"n_iter", "d", "t", "old_dirs", "old_stps", "ro", "H_diag", "prev_flat_grad"})
-    FRESH_KEYS = frozenset({"n_iter"})  # all a state has before its first step (at a stationary point)
     """L-BFGS (Nocedal 1980) one iteration per `step`, with a fixed step (`lr`) and no line search, as
     torch.optim.LBFGS(max_iter=1, tolerance_grad=0, tolerance_change=0): the first step is scaled down to
     at most `lr` over the gradient's L1 norm, and a pair (s, y) enters the history only where y.s > 1e-10."""
+
+    STATE_KEYS = frozenset({"n_iter", "d", "t", "old_dirs", "old_stps", "ro", "H_diag", "prev_flat_grad"})
+    FRESH_KEYS = frozenset({"n_iter"})  # all a state has before its first step (at a stationary point)
 
     def __init__(self, x: torch.Tensor, lr: float, history_size: int) -> None:
         super().__init__(x, {"lr": lr, "max_iter": 1, "max_eval": 1, "tolerance_grad": 0.0, "tolerance_change": 0.0,
