@@ -742,3 +742,25 @@ def test_the_command_exits_with_ctrl_c_ignored_after_main(monkeypatch):
         assert info.value.code == 130 and signal.getsignal(signal.SIGINT) is signal.SIG_IGN
     finally:
         signal.signal(signal.SIGINT, previous)
+
+
+def test_a_ctrl_c_while_an_interrupted_run_unwinds_prints_nothing_more(monkeypatch, capsys):
+    """What an interrupted run held is collected as `main` returns; a second Ctrl-C landing in a __del__
+    there printed "Exception ignored ... KeyboardInterrupt" (tqdm's bars in `impasto apply`)."""
+    import impasto.cli
+
+    unraisable: list[object] = []
+    monkeypatch.setattr(sys, "unraisablehook", unraisable.append)
+
+    class PressesCtrlCWhenCollected:
+        def __del__(self):
+            os.kill(os.getpid(), signal.SIGINT)
+
+    def interrupted_run(args):
+        held = PressesCtrlCWhenCollected()  # noqa: F841 - alive until the traceback goes
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(impasto.cli, "run_info", interrupted_run)
+    assert impasto.cli.main(["info", "x.png"]) == 130
+    assert capsys.readouterr().err == "impasto: interrupted\n" and unraisable == []
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler

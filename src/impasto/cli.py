@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import copy
 import dataclasses
+import gc
 import json
 import math
 import os
@@ -483,6 +484,7 @@ def _show_warning(message: Any, category: Any, filename: str, lineno: int, file:
 
 def main(argv: Sequence[str] | None = None) -> int:
     previous, warnings.showwarning = warnings.showwarning, _show_warning
+    sigint = None  # the Ctrl-C handler to restore, where an interrupt made this ignore them while it unwinds
     try:
         with interrupts.terminate_as_interrupt():  # `kill` keeps the best image and the state, as Ctrl-C does
             args = build_parser().parse_args(argv)  # imports torch: a second or two, Ctrl-C included
@@ -492,6 +494,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"{PROG}: error: {e}", file=sys.stderr)
         return EXIT_USAGE
     except KeyboardInterrupt:
+        # what the run held (progress bars ...) is collected as this returns: a second Ctrl-C then would
+        # land in some __del__ and print "Exception ignored"
+        if threading.current_thread() is threading.main_thread():
+            sigint = signal.signal(signal.SIGINT, signal.SIG_IGN)
         print(f"{PROG}: interrupted", file=sys.stderr)
         return EXIT_INTERRUPTED
     except BrokenPipeError:  # `impasto info OUT.png | head -1`: the reader is gone, as with any Unix tool
@@ -509,6 +515,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 1
     finally:
         warnings.showwarning = previous
+        if sigint is not None:
+            gc.collect()  # what a reference cycle holds too, still with Ctrl-C ignored
+            signal.signal(signal.SIGINT, sigint)
 
 
 def _out_of_memory(e: BaseException) -> bool:
