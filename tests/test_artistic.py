@@ -416,7 +416,7 @@ def test_a_run_that_fits_only_without_kept_winograd_transforms_makes_them_at_eac
     need = artistic.estimate_bytes(net, hw, opts)
     kept = 36 * 256 * 128 * 4  # conv3_1's transform, the only Winograd layer up to relu3_1
     conv3_1 = net.layers.conv3_1
-    assert isinstance(conv3_1, FrozenConv3x3) and conv3_1.kept_transform_bytes() == kept
+    assert isinstance(conv3_1, FrozenConv3x3) and conv3_1.kept_transform_bytes(32) == kept
     assert net.kept_transform_bytes(*hw) == kept and net.kept_transform_bytes(64, 64) == 0
 
     monkeypatch.setattr(artistic, "available_bytes", lambda device: int((need + kept) / 0.8) + 1)
@@ -426,7 +426,7 @@ def test_a_run_that_fits_only_without_kept_winograd_transforms_makes_them_at_eac
     monkeypatch.setattr(artistic, "available_bytes", lambda device: int((need + kept / 2) / 0.8))
     with pytest.warns(ImpastoWarning, match=r"fits in memory only without keeping the Winograd transforms \(4 MiB\)"):
         artistic.check_memory(net, hw, opts, cpu)
-    assert not conv3_1.keep_transform and conv3_1.kept_transform_bytes() == 0
+    assert not conv3_1.keep_transform and conv3_1.kept_transform_bytes(32) == 0
     x = torch.rand(1, 3, *hw, requires_grad=True)
     net(x)["relu3_1"].sum().backward()
     assert conv3_1._cached is None and x.grad is not None

@@ -189,9 +189,10 @@ def style_size(style: torch.Tensor, hw: tuple[int, int], scale: float) -> tuple[
     return images.size_for_width(style.shape[-2], style.shape[-1], max(1, round(hw[1] * scale)))
 
 
-def check_style_memory(net: VGGFeatures, hw: tuple[int, int], device: torch.device, flag: str) -> None:
-    """Refuse a style image scaled beyond memory: its targets take one forward pass without gradients,
-    counted here as all its feature maps at once (an upper bound)."""
+def check_style_size(net: VGGFeatures, hw: tuple[int, int], device: torch.device, flag: str, what: str) -> None:
+    """Refuse a style image scaled (to hw) below the network's smallest input, or beyond memory: its targets
+    take one forward pass without gradients, counted here as all its feature maps at once (an upper bound)."""
+    check_min_size(net, hw, what)
     need, have = 4 * (net.feature_elements(*hw) + 6 * hw[0] * hw[1]), available_bytes(device)
     if need > 0.8 * have:
         raise ImpastoError(f"a style image scaled to {hw[1]}x{hw[0]} needs about {need / 2**30:.1f} GiB but "
@@ -266,15 +267,13 @@ def stylize_tensors(
         check_min_size(net, hw, "the output")
         check_memory(net, hw, opts, device)
         for s, k in zip(styles, style_scales, strict=True):
-            check_style_memory(net, style_size(s, hw, k), device, opts.flag("style_scales"))
+            check_style_size(net, style_size(s, hw, k), device, opts.flag("style_scales"), "a style image")
     autocast = autocast_for(device, opts.amp)
     settings = optimizer_settings(opts)
 
     def objective_at(hw: tuple[int, int]) -> Callable[[], Objective]:
         def build() -> Objective:
             scaled = [images.resize(s, style_size(s, hw, k)) for s, k in zip(styles, style_scales, strict=True)]
-            for s in scaled:
-                check_min_size(net, (s.shape[-2], s.shape[-1]), "a style image")
             loss = build_loss(net, images.resize(content, hw).to(device), [s.to(device) for s in scaled], opts,
                               autocast)
             return network_objective(net, loss, autocast)

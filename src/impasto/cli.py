@@ -342,37 +342,24 @@ PATH_KEYS = ("content", "styles", "content_mask", "style_mask")
 
 def _check_resume(meta: dict[str, Any], given: dict[str, Any], options: dict[str, Any], directory: str) -> None:
     """A resumed run must read the same files (by path, wherever it is started from) with the same options."""
+    from .files import same_inputs
+
     for key in PATH_KEYS:
         value, now = meta.get(key), given.get(key)
         if value is None and now is not None:
             raise ImpastoError(f"the run saved in {directory} used no {key.replace('_', '-')}; resume it without one")
-        if value is not None and (now is None or not _same_inputs(value, now, meta.get("cwd"))):
+        if value is not None and (now is None or not same_inputs(value, now, meta.get("cwd"))):
             _mismatch(key, now, value, directory)
     for key, value in meta.get("options", {}).items():
         now = options.get(key, _MISSING)
         if key in RESUMABLE_CHANGES or now == value:
             continue
-        if key in PATH_OPTIONS and isinstance(value, str) and isinstance(now, str) \
-                and _same_inputs(value, now, meta.get("cwd")):
+        if key in PATH_OPTIONS and same_inputs(value, now, meta.get("cwd")):
             continue
         _mismatch(key, now, value, directory)
 
 
 PATH_OPTIONS = ("init", "weights")  # options that may name a file
-
-
-def _same_inputs(saved: Any, now: Any, cwd: str | None) -> bool:
-    """Whether saved and given paths (one or a list) name the same files. A relative saved path is read from
-    the saved run's folder where that still holds it, else from here (a project moved as a whole)."""
-    from .files import same_file
-
-    saved_list, now_list = (v if isinstance(v, list) else [v] for v in (saved, now))
-
-    def same(s: str, n: str) -> bool:
-        there = Path(cwd or ".") / s
-        return s == n or same_file(there if there.exists() else Path(s), Path(n))
-
-    return len(saved_list) == len(now_list) and all(map(same, saved_list, now_list))
 
 
 _MISSING = object()

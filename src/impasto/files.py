@@ -19,6 +19,23 @@ def same_file(a: Path, b: Path) -> bool:
         return False
 
 
+def same_inputs(saved: object, now: object, cwd: str | None = None) -> bool:
+    """Whether saved and given paths (one or a list) name the same files, so a run resumes by any path. A
+    relative saved path is read from the saved run's folder (`cwd`) where that still holds it, else from
+    here (a project moved as a whole)."""
+    saved_list, now_list = (v if isinstance(v, list) else [v] for v in (saved, now))
+
+    def same(s: object, n: object) -> bool:
+        if s == n:
+            return True
+        if not (isinstance(s, str) and isinstance(n, str)):
+            return False
+        there = Path(cwd or ".") / s
+        return same_file(there if there.exists() else Path(s), Path(n))
+
+    return len(saved_list) == len(now_list) and all(map(same, saved_list, now_list))
+
+
 def refuse_overwriting_inputs(output: str | os.PathLike[str], inputs: Iterable[str | os.PathLike[str]]) -> None:
     """Stop before a run whose output path is one of its inputs."""
     out = Path(output)
@@ -40,22 +57,22 @@ def check_writable(path: str | os.PathLike[str]) -> None:
     target = Path(path)
     if target.is_dir():
         raise ImpastoError(f"cannot write {target}: it is a directory")
-    _check_can_write_in(target.parent if str(target.parent) else Path("."), target)
+    _check_can_write_in(target.parent if str(target.parent) else Path("."), target, target.name)
 
 
 def check_writable_folder(path: str | os.PathLike[str]) -> None:
     """The same for a folder that outputs go into (it may exist already, or be made)."""
-    _check_can_write_in(Path(path), Path(path), probe_name="impasto")
+    _check_can_write_in(Path(path), Path(path), "impasto")  # no file of the folder's own name is made in it
 
 
-def _check_can_write_in(folder: Path, target: Path, probe_name: str | None = None) -> None:
+def _check_can_write_in(folder: Path, target: Path, name: str) -> None:
     while not folder.exists() and folder != folder.parent:  # the nearest folder that exists: the rest gets made
         folder = folder.parent
     if not folder.is_dir():
         raise ImpastoError(f"cannot write {target}: {folder} is not a directory")
     try:
         # named as atomic_path names its temporary file: a name too long for it fails here, not after the run
-        fd, probe = tempfile.mkstemp(prefix=f".{probe_name or target.name}.", suffix=".part", dir=folder)
+        fd, probe = tempfile.mkstemp(prefix=f".{name}.", suffix=".part", dir=folder)
     except OSError as e:
         raise ImpastoError(f"cannot write {target}: {e.strerror or e}") from None
     os.close(fd)

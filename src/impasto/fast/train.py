@@ -22,7 +22,7 @@ from torch import nn
 
 from .. import images, interrupts
 from ..errors import ImpastoError, refuse_non_finite, warn
-from ..files import atomic_write, same_file
+from ..files import atomic_write, same_inputs
 from ..losses import PerceptualLoss, StyleTarget, gram_matrix
 from ..nets import VGGFeatures, load_vgg
 from ..perceptual import available_bytes, check_min_size, perceptual_loss, resolve_device
@@ -494,8 +494,7 @@ def _resume(path: str | os.PathLike[str], opts: TrainOptions, net: TransformerNe
     now = opts.to_dict()
     for key in sorted(set(saved) | set(now)):
         a, b = saved.get(key), now.get(key)
-        if key in RESUMABLE_CHANGES or a == b or (key in PATH_OPTIONS and isinstance(a, str) and isinstance(b, str)
-                                                   and same_file(Path(a), Path(b))):
+        if key in RESUMABLE_CHANGES or a == b or (key in PATH_OPTIONS and same_inputs(a, b)):
             continue
         raise ImpastoError(f"cannot resume {file}: {key} was {a!r}, now {b!r}")
     net.load_state_dict(state)

@@ -353,8 +353,9 @@ class VGGFeatures(nn.Module):
         feature maps: from about 175,000 pixels (485x365) for VGG19 up to relu5_1. IMPASTO_WINOGRAD=1: at every size."""
         if self.winograd_at_every_size:
             return True
-        transforms = sum(conv.transform_bytes(min(h, w)) for conv, h, w in self._conv_maps(height, width))
-        return transforms <= 4 * batch * self.feature_elements(height, width)
+        maps = self._conv_maps(height, width)
+        transforms = sum(conv.transform_bytes(min(h, w)) for conv, h, w in maps)
+        return transforms <= 4 * batch * sum(int(conv.out_channels) * h * w for conv, h, w in maps)
 
     def kept_transform_bytes(self, height: int, width: int) -> int:
         """The memory the Winograd transforms kept for one height x width image take (0 where none run)."""

@@ -304,10 +304,9 @@ class FrozenConv3x3(nn.Conv2d):
         runs = self.winograd and side >= self.MIN_SIDE
         return SPAN * SPAN * self.out_channels * self.in_channels * 4 if runs else 0
 
-    def kept_transform_bytes(self, side: int | None = None) -> int:
-        """The memory a kept transform takes once made (at maps whose shorter side is `side`, where given),
-        0 where none is kept."""
-        return self.transform_bytes(self.MIN_SIDE if side is None else side) if self.keep_transform else 0
+    def kept_transform_bytes(self, side: int) -> int:
+        """`transform_bytes`, where the transform is kept between passes; else 0."""
+        return self.transform_bytes(side) if self.keep_transform else 0
 
     def make_transform_per_pass(self) -> None:
         """From now on, make the transformed weights at each pass instead of keeping them."""

@@ -13,7 +13,7 @@ from .. import images
 from ..artistic import (
     StylizeOptions,
     check_memory,
-    check_style_memory,
+    check_style_size,
     initial_image,
     loss_network,
     optimizer_settings,
@@ -96,8 +96,7 @@ def photo_transfer(
     check_memory(net, hw, opts, device)
     small = images.resize(content, hw)
     style_hw = style_size(style, hw, (opts.style_scales or [1.0])[0])
-    check_min_size(net, style_hw, "the style photo")
-    check_style_memory(net, style_hw, device, opts.flag("style_scales"))
+    check_style_size(net, style_hw, device, opts.flag("style_scales"), "the style photo")
     style_small = images.resize(style, style_hw)
     regions = _regions(content, style, content_mask, style_mask, opts)
     scaled = None if regions is None else [(_fit(r.content, hw), _fit(r.style, style_hw)) for r in regions]
